@@ -1,0 +1,87 @@
+"""``sparsify``: the two lines a user adds to their own training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsetrain import mask_ops
+from sparsetrain.errors import ConfigError
+from sparsetrain.masks import Sparsifier
+from sparsetrain.methods import build_method
+from sparsetrain.select import select_parameters
+
+__all__ = ["sparsify"]
+
+
+def _check_sparsity(method: str, sparsity: float | Sequence[float] | None) -> float | list[float]:
+    if sparsity is None:
+        if method == "dense":
+            return 0.0
+        raise ConfigError(f"method {method!r} needs a sparsity in [0, 1)")
+    if isinstance(sparsity, list | tuple):
+        if not sparsity:
+            raise ConfigError("sparsity list is empty")
+        return [mask_ops.check_sparsity(s) for s in sparsity]
+    return mask_ops.check_sparsity(sparsity)
+
+
+def sparsify(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: str = "static",
+    sparsity: float | Sequence[float] | None = None,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+    distribution: str | None = None,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    dense_first: bool = False,
+    dense_last: bool = False,
+    seed: int = 0,
+    erk_power: float = 1.0,
+    **options: Any,
+) -> Sparsifier:
+    """Make ``model`` sparse and keep it so through ``optimizer.step()``; the loop stays the user's.
+
+    Args:
+        model: any ``nn.Module``; its modules and parameter names are left unchanged.
+        optimizer: the optimizer over the model's parameters; masks are enforced through its
+            step hooks (gradients before the step, weights and optimizer state after it).
+        method: a name from :func:`sparsetrain.list_methods`.
+        sparsity: fraction of zeros over the sparse parameters, in [0, 1) (a list for AST).
+        total_steps: optimizer steps in the whole run (needed by scheduled methods).
+        steps_per_epoch: optimizer steps per epoch (needed by epoch-based schedules).
+        distribution: ``uniform``, ``erk`` or ``global``; None takes the method's default.
+        include / exclude / dense_first / dense_last: layer selection (see
+            :func:`sparsetrain.select.select_parameters`).
+        seed: seeds every random mask choice together with the tensor name and step.
+        **options: method-specific options; unknown names are errors.
+
+    Returns:
+        The :class:`Sparsifier`, with ``masks``, ``report()``, ``state_dict()``, ``export()``.
+    """
+    sparsity = _check_sparsity(method, sparsity)
+    for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+        if value is not None and int(value) <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    params = select_parameters(
+        model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last
+    )
+    common = dict(
+        sparsity=sparsity,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        distribution=distribution,
+        seed=seed,
+        erk_power=erk_power,
+    )
+    policy = build_method(method, common, options)
+    sp = Sparsifier(model, params, optimizer)
+    sp.method = policy
+    policy.init_masks(sp)
+    return sp

@@ -1,0 +1,152 @@
+"""Pure mask arithmetic shared by every method.
+
+One rounding rule (:func:`n_keep`) and one exact, deterministic top-k (:func:`topk_mask`) so that
+"90% sparse" means exactly the same number of zeros in every method, on every rank and every run.
+Ties are broken by the lower flat index, which ``torch.topk`` does not promise.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+
+import torch
+
+from sparsetrain.errors import ConfigError
+
+__all__ = [
+    "check_sparsity",
+    "drop_lowest",
+    "generator_for",
+    "global_topk",
+    "grow_highest",
+    "n_keep",
+    "nm_mask",
+    "random_mask",
+    "topk_mask",
+]
+
+
+def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
+    """Return ``sparsity`` as a float if it lies in [0, 1), else raise a :class:`ConfigError`."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number in [0, 1), got {sparsity!r}") from None
+    if not 0.0 <= value < 1.0 or math.isnan(value):
+        raise ConfigError(f"{what} must be in [0, 1), got {sparsity!r}")
+    return value
+
+
+def n_keep(numel: int, sparsity: float) -> int:
+    """Number of weights kept in a tensor of ``numel`` elements at ``sparsity``.
+
+    Round half up of ``(1 - sparsity) * numel``; the small epsilon absorbs float error such as
+    ``(1 - 0.9) * 100 = 9.999999999999998``.
+    """
+    keep = math.floor((1.0 - sparsity) * numel + 0.5 + 1e-9)
+    return max(0, min(numel, keep))
+
+
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of ``score``; ties go to the lower flat index."""
+    flat = score.detach().reshape(-1)
+    numel = flat.numel()
+    k = max(0, min(int(k), numel))
+    out = torch.zeros(numel, dtype=torch.bool, device=flat.device)
+    if k == 0:
+        return out.view_as(score)
+    if k == numel:
+        return out.fill_(True).view_as(score)
+    kth = torch.topk(flat, k, sorted=False).values.min()
+    above = flat > kth
+    out |= above
+    missing = k - int(above.sum())
+    if missing > 0:
+        tied = torch.nonzero(flat == kth).flatten()[:missing]
+        out[tied] = True
+    return out.view_as(score)
+
+
+def drop_lowest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Deactivate the ``n`` active positions of ``mask`` with the smallest ``score``."""
+    active = int(mask.sum())
+    n = max(0, min(int(n), active))
+    keep_score = torch.where(mask, score.detach().float(), torch.tensor(-math.inf, device=mask.device))
+    return topk_mask(keep_score, active - n)
+
+
+def grow_highest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Activate the ``n`` inactive positions of ``mask`` with the largest ``score``.
+
+    Active positions are never chosen again, so the result has exactly ``mask.sum() + n`` ones
+    (``n`` is clipped to the number of free positions).
+    """
+    free = mask.numel() - int(mask.sum())
+    n = max(0, min(int(n), free))
+    grow_score = torch.where(mask, torch.tensor(-math.inf, device=mask.device), score.detach().float())
+    return mask | topk_mask(grow_score, n)
+
+
+def random_mask(shape: torch.Size, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """Bool mask with exactly ``keep`` ones at uniformly random positions."""
+    numel = math.prod(shape)
+    perm = torch.randperm(numel, generator=generator)
+    out = torch.zeros(numel, dtype=torch.bool)
+    out[perm[:keep]] = True
+    return out.view(shape)
+
+
+def generator_for(seed: int, name: str, step: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, tensor name, step).
+
+    Every process derives the same stream for the same tensor and step, so random mask choices
+    agree across ranks without communication, and a resumed run repeats them exactly.
+    """
+    mixed = (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7919 + int(step)) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """One exact top-k over several tensors; returns a bool mask per name."""
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
+    keep = topk_mask(flat, k)
+    out, offset = {}, 0
+    for name in names:
+        numel = scores[name].numel()
+        out[name] = keep[offset : offset + numel].view_as(scores[name])
+        offset += numel
+    return out
+
+
+def _channels_last_view(t: torch.Tensor) -> torch.Tensor:
+    """Move the input-channel dim (dim 1) last: (out, in, *k) -> (out, *k, in)."""
+    return t.movedim(1, -1) if t.dim() > 2 else t
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int, name: str = "tensor") -> torch.Tensor:
+    """N:M mask: in every group of ``m`` consecutive input channels keep the ``n`` largest scores.
+
+    Input channels are dim 1 of a Linear (out, in) or conv (out, in, kh, kw) weight; conv weights
+    are viewed as (out, kh, kw, in) as in the 2:4 kernels. Ties go to the lower channel index.
+    """
+    if not 0 < n <= m:
+        raise ConfigError(f"N:M needs 0 < N <= M, got {n}:{m}")
+    if score.dim() < 2:
+        raise ConfigError(f"N:M masks need a weight with >= 2 dims; {name} has shape {tuple(score.shape)}")
+    in_channels = score.shape[1]
+    if in_channels % m != 0:
+        raise ConfigError(
+            f"{name}: input size {in_channels} is not a multiple of M={m}; "
+            "keep this layer dense or choose another M"
+        )
+    view = _channels_last_view(score.detach().float())
+    groups = view.reshape(-1, m)
+    # Stable sort: among equal scores the lower channel index wins.
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, order[:, :n], True)
+    keep = keep.view(view.shape)
+    return keep.movedim(-1, 1) if score.dim() > 2 else keep

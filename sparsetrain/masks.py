@@ -1,0 +1,293 @@
+"""The Sparsifier: owns one mask per sparse parameter and enforces it. Knows no paper.
+
+Masks are enforced in three places through the optimizer's public step hooks: gradients are masked
+before ``optimizer.step()``, weights after it, and every optimizer-state tensor of the weight's shape
+(SGD momentum, Adam moments) whenever a mask changes. Between mask changes, masked state stays
+exactly zero by itself (its gradient and its weight are zero, so weight decay adds nothing), so
+re-masking it every step would be wasted work. Masks are held as float tensors and applied with
+``torch._foreach_mul_``, the cheapest form measured; layers whose mask is all ones are skipped.
+
+Two storage modes share this class:
+
+* physical (default): masked weights are really zero; a regrown weight starts at 0 with zero
+  optimizer state.
+* kept values (:meth:`keep_masked_values`): the values under the mask are remembered in a shadow
+  copy and come back when the mask grows over them. This is the forward-time masking that nested
+  sub-networks (AST) need: a sparser sub-network must not destroy weights a denser one uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sparsetrain.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from sparsetrain.methods.base import Method
+
+__all__ = ["Sparsifier"]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class Sparsifier:
+    """Masks for the parameters ``params`` of ``model``, enforced through ``optimizer``'s hooks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, nn.Parameter],
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.model = model
+        self.params: dict[str, nn.Parameter] = dict(params)
+        self.targets: dict[str, float] = dict.fromkeys(self.params, 0.0)
+        self.method: Method | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.step = 0
+        self._masks = {n: torch.ones_like(p, memory_format=torch.contiguous_format) for n, p in self.params.items()}
+        self._density = dict.fromkeys(self.params, 1.0)
+        self._density_sum = dict.fromkeys(self.params, 0.0)
+        self._shadow: dict[str, torch.Tensor] | None = None
+        self._handles: list[Any] = []
+        self.example_input: torch.Tensor | None = None
+        self.batch_size: int | None = None
+        self._capture = model.register_forward_pre_hook(self._capture_input)
+        self._refresh()
+        if optimizer is not None:
+            self.attach(optimizer)
+
+    # ------------------------------------------------------------------ masks
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Bool masks by fully-qualified parameter name (copies; edit through :meth:`set_mask`)."""
+        return {name: m.bool() for name, m in self._masks.items()}
+
+    def mask(self, name: str) -> torch.Tensor:
+        """The bool mask of one parameter."""
+        return self._masks[self._check_name(name)].bool()
+
+    def density(self, name: str) -> float:
+        """Fraction of active weights of one parameter."""
+        return self._density[self._check_name(name)]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all sparse parameters."""
+        total = sum(p.numel() for p in self.params.values())
+        if total == 0:
+            return 0.0
+        active = sum(self._density[n] * p.numel() for n, p in self.params.items())
+        return 1.0 - active / total
+
+    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Replace one mask and make weights and optimizer state agree with it.
+
+        Physical mode: weights outside the mask become 0, newly activated weights start at 0, and
+        optimizer state is zeroed wherever the mask is off or newly on. Kept-values mode: values
+        return from the shadow copy and optimizer state is left alone.
+        """
+        param = self.params[self._check_name(name)]
+        if mask.shape != param.shape:
+            raise ConfigError(f"mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(param.shape)}")
+        new = mask.to(device=param.device, dtype=torch.bool)
+        old = self._masks[name].bool()
+        new_float = new.to(param.dtype)
+        with torch.no_grad():
+            if self._shadow is not None:
+                shadow = self._shadow[name]
+                shadow.copy_(torch.where(old, param, shadow))
+                param.copy_(shadow * new_float)
+            else:
+                regrown = new & ~old
+                param.mul_(new_float).masked_fill_(regrown, 0.0)
+                for state in self._state_tensors(param):
+                    state.mul_(new_float).masked_fill_(regrown, 0.0)
+        self._masks[name] = new_float
+        self._density[name] = float(new.sum()) / max(1, new.numel())
+        self._refresh()
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """:meth:`set_mask` for several parameters."""
+        for name, mask in masks.items():
+            self.set_mask(name, mask)
+
+    def keep_masked_values(self) -> None:
+        """Switch to kept-values mode: remember the current dense weights under every mask."""
+        if self._shadow is None:
+            self._shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def dense_value(self, name: str) -> torch.Tensor:
+        """The weight with masked-off values restored (kept-values mode), else the weight itself."""
+        param = self.params[self._check_name(name)].detach()
+        if self._shadow is None:
+            return param
+        return torch.where(self._masks[name].bool(), param, self._shadow[name])
+
+    # ------------------------------------------------------------- enforcement
+    def apply_masks(self) -> None:
+        """Multiply every sparse weight by its mask."""
+        if self._enforced:
+            with torch.no_grad():
+                torch._foreach_mul_([self.params[n] for n in self._enforced], [self._masks[n] for n in self._enforced])
+
+    def mask_gradients(self) -> None:
+        """Multiply every existing gradient of a sparse weight by its mask."""
+        grads, masks = [], []
+        for name in self._enforced:
+            grad = self.params[name].grad
+            if grad is not None:
+                grads.append(grad)
+                masks.append(self._masks[name])
+        if grads:
+            torch._foreach_mul_(grads, masks)
+
+    def reset_optimizer_state(self, names: Iterable[str] | None = None) -> None:
+        """Zero every weight-shaped optimizer state tensor (momentum, Adam moments) of ``names``.
+
+        Works from ``optimizer.state`` directly, so parameters whose ``.grad`` is None after
+        ``zero_grad()`` are reset too.
+        """
+        for name in self.params if names is None else names:
+            for state in self._state_tensors(self.params[self._check_name(name)]):
+                state.zero_()
+
+    def _state_tensors(self, param: nn.Parameter) -> list[torch.Tensor]:
+        if self.optimizer is None:
+            return []
+        state = self.optimizer.state.get(param, {})
+        return [t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == param.shape]
+
+    # ------------------------------------------------------------------- hooks
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Enforce masks around ``optimizer.step()`` via its public step hooks."""
+        self.detach()
+        self.optimizer = optimizer
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (masks stay as they are)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        skip = self.method is not None and self.method.before_step(self, self.step + 1)
+        self.mask_gradients()
+        if skip:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.apply_masks()
+        self.step += 1
+        for name, density in self._density.items():
+            self._density_sum[name] += density
+        if self.method is not None:
+            self.method.after_step(self, self.step)
+
+    def _capture_input(self, module: nn.Module, args: tuple) -> None:
+        """Remember one example input (for FLOPs) and the batch size, on the first forward only."""
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+            self.example_input = torch.zeros_like(args[0][:1])
+            self.batch_size = args[0].shape[0]
+        self._capture.remove()
+
+    def _refresh(self) -> None:
+        self._enforced = [n for n, d in self._density.items() if d < 1.0]
+
+    def _check_name(self, name: str) -> str:
+        if name not in self.params:
+            raise ConfigError(f"{name!r} is not a sparse parameter; sparse parameters: {', '.join(self.params)}")
+        return name
+
+    # ------------------------------------------------------------ reporting
+    def mean_density_steps(self) -> dict[str, float]:
+        """Sum over completed steps of each layer's density (for training FLOPs)."""
+        return dict(self._density_sum)
+
+    def report(self, example_input: torch.Tensor | None = None):  # noqa: ANN201 - see sparsetrain.report
+        """Per-layer target vs actual sparsity, and FLOPs when an example input is known."""
+        from sparsetrain.report.summary import summarize
+
+        return summarize(self, example_input if example_input is not None else self.example_input)
+
+    # ---------------------------------------------------------- export/state
+    def use_subnet(self, index: int | float) -> None:
+        """Switch the active nested sub-network (methods with sub-networks only)."""
+        if self.method is None or not hasattr(self.method, "use_subnet"):
+            raise ConfigError(f"method {getattr(self.method, 'name', None)!r} has no sub-networks to switch")
+        self.method.use_subnet(self, index)
+
+    def export(self, **options: Any) -> nn.Module:
+        """A plain copy of the model with masks baked in: no hooks, no extra buffers or keys."""
+        if self.method is not None:
+            return self.method.export(self, **options)
+        if options:
+            raise ConfigError(f"unknown export option(s): {', '.join(options)}")
+        return self.baked_copy()
+
+    def baked_copy(self) -> nn.Module:
+        """Deep copy of the model with every sparse weight multiplied by its mask."""
+        self._capture.remove()  # never copy our own hook (it would drag this object along)
+        model = copy.deepcopy(self.model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, mask in self._masks.items():
+                params[name].mul_(mask)
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: masks, targets, counters, method state."""
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "method": getattr(self.method, "name", None),
+            "masks": self.masks,
+            "targets": dict(self.targets),
+            "density_sum": dict(self._density_sum),
+            "shadow": None if self._shadow is None else {n: t.clone() for n, t in self._shadow.items()},
+            "method_state": self.method.state_dict() if self.method is not None else {},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore masks and counters; the weights themselves come from the model's state_dict."""
+        if state.get("version", 0) > STATE_VERSION:
+            raise CheckpointError(f"sparsifier state version {state['version']} is newer than supported {STATE_VERSION}")
+        method = getattr(self.method, "name", None)
+        if state.get("method") != method:
+            raise CheckpointError(f"sparsifier state is for method {state.get('method')!r}, this run uses {method!r}")
+        masks = state["masks"]
+        if set(masks) != set(self.params):
+            missing = sorted(set(self.params) - set(masks)) or sorted(set(masks) - set(self.params))
+            raise CheckpointError(f"sparsifier state does not match the model's sparse parameters: {missing[:5]}")
+        for name, mask in masks.items():
+            if mask.shape != self.params[name].shape:
+                raise CheckpointError(f"mask {name} has shape {tuple(mask.shape)}, weight has {tuple(self.params[name].shape)}")
+        self._shadow = None if state.get("shadow") is None else {
+            n: t.to(self.params[n].device).clone() for n, t in state["shadow"].items()
+        }
+        with torch.no_grad():
+            for name, mask in masks.items():
+                param = self.params[name]
+                self._masks[name] = mask.to(device=param.device, dtype=param.dtype)
+                self._density[name] = float(mask.sum()) / max(1, mask.numel())
+                param.mul_(self._masks[name])
+        self._refresh()
+        self.step = int(state["step"])
+        self.targets = dict(state["targets"])
+        self._density_sum = dict(state.get("density_sum", dict.fromkeys(self.params, 0.0)))
+        if self.method is not None:
+            self.method.load_state_dict(state.get("method_state", {}))

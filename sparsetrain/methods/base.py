@@ -1,0 +1,131 @@
+"""The policy side: a method decides masks, the :class:`~sparsetrain.masks.Sparsifier` enforces them.
+
+A method receives the 1-based index ``t`` of the optimizer step explicitly (no hidden counters
+tied to the optimizer) and acts through a few hooks:
+
+* :meth:`Method.init_masks` once, before training;
+* :meth:`Method.before_step` with the gradients of step ``t`` (not yet masked); returning True
+  skips that optimizer update (RigL does this on mask-update steps);
+* :meth:`Method.after_step` after step ``t`` (weights already masked): scheduled mask updates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from sparsetrain import distributions, mask_ops
+from sparsetrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sparsetrain.masks import Sparsifier
+
+__all__ = ["Method"]
+
+
+class Method:
+    """Base class of every sparse-training method; subclasses register with ``@register_method``.
+
+    Subclass options are keyword-only arguments of ``__init__`` after ``**common``; unknown option
+    names are rejected with the list of valid ones before the method is built.
+    """
+
+    name: ClassVar[str] = ""
+    default_distribution: ClassVar[str] = "uniform"
+    needs_total_steps: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        sparsity: float | list[float],
+        total_steps: int | None,
+        steps_per_epoch: int | None,
+        distribution: str | None,
+        seed: int = 0,
+        erk_power: float = 1.0,
+    ) -> None:
+        self.sparsity = sparsity
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.distribution = distribution or self.default_distribution
+        if self.distribution not in distributions.DISTRIBUTIONS:
+            raise ConfigError(
+                f"unknown distribution {self.distribution!r}; "
+                f"choose one of {', '.join(distributions.DISTRIBUTIONS)}"
+            )
+        self.seed = int(seed)
+        self.erk_power = float(erk_power)
+        if self.needs_total_steps and not total_steps:
+            raise ConfigError(f"method {self.name!r} needs total_steps (its schedule spans training)")
+
+    # ------------------------------------------------------------------ hooks
+    def init_masks(self, sp: Sparsifier) -> None:
+        """Draw random masks at the per-layer targets of the distribution (static sparsity)."""
+        sp.targets = self.layer_targets(sp, float(self.sparsity))
+        masks = {
+            name: mask_ops.random_mask(
+                p.shape,
+                mask_ops.n_keep(p.numel(), sp.targets[name]),
+                mask_ops.generator_for(self.seed, name, 0),
+            )
+            for name, p in sp.params.items()
+        }
+        sp.set_masks(masks)
+
+    def before_step(self, sp: Sparsifier, t: int) -> bool:
+        """Called with step ``t``'s raw gradients; return True to skip its optimizer update."""
+        return False
+
+    def after_step(self, sp: Sparsifier, t: int) -> None:
+        """Called after optimizer step ``t`` (1-based) with the weights already masked."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state needed to resume exactly (schedules, thresholds, counters)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    def export(self, sp: Sparsifier, **options: Any) -> nn.Module:
+        """The plain trained model with masks baked in."""
+        if options:
+            raise ConfigError(f"method {self.name!r} takes no export option(s) {', '.join(options)}")
+        return sp.baked_copy()
+
+    # --------------------------------------------------------------- helpers
+    def layer_targets(self, sp: Sparsifier, sparsity: float) -> dict[str, float]:
+        """Per-layer target sparsities of this method's distribution."""
+        weights = {name: p.detach() for name, p in sp.params.items()}
+        return distributions.resolve(self.distribution, weights, sparsity, erk_power=self.erk_power)
+
+    def epoch_of(self, t: int) -> float:
+        """Fractional epoch at the end of step ``t``."""
+        if not self.steps_per_epoch:
+            raise ConfigError(f"method {self.name!r} needs steps_per_epoch for its epoch-based schedule")
+        return t / self.steps_per_epoch
+
+    def steps_from(self, value: float | int, unit: str) -> int:
+        """Convert a length given in ``epochs``, ``steps`` or ``fraction`` of training to steps."""
+        if unit == "steps":
+            return int(value)
+        if unit == "epochs":
+            if not self.steps_per_epoch:
+                raise ConfigError(f"method {self.name!r}: lengths in epochs need steps_per_epoch")
+            return int(round(value * self.steps_per_epoch))
+        if unit == "fraction":
+            if not self.total_steps:
+                raise ConfigError(f"method {self.name!r}: lengths as fractions need total_steps")
+            return int(round(value * self.total_steps))
+        raise ConfigError(f"unknown length unit {unit!r}; use epochs, steps or fraction")
+
+
+def sparse_aware_init(sp: Sparsifier) -> None:
+    """Rescale each sparse weight by 1/sqrt(density): std becomes 1/sqrt(density * fan_in)-like."""
+    with torch.no_grad():
+        for name, p in sp.params.items():
+            density = sp.density(name)
+            if 0.0 < density < 1.0:
+                p.mul_(1.0 / math.sqrt(density))
