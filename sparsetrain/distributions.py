@@ -49,7 +49,9 @@ def erk(shapes: Mapping[str, torch.Size], sparsity: float, power: float = 1.0) -
 def global_magnitude(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, float]:
     """Per-layer sparsities implied by one magnitude top-k over all ``weights``."""
     total = sum(w.numel() for w in weights.values())
-    masks = mask_ops.global_topk({n: w.abs() for n, w in weights.items()}, mask_ops.n_keep(total, sparsity))
+    masks = mask_ops.global_topk(
+        {n: w.abs() for n, w in weights.items()}, mask_ops.n_keep(total, sparsity)
+    )
     return {name: 1.0 - float(m.sum()) / m.numel() for name, m in masks.items()}
 
 
@@ -68,4 +70,6 @@ def resolve(
         return erk(shapes, sparsity, erk_power)
     if distribution == "global":
         return global_magnitude(weights, sparsity)
-    raise ConfigError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+    raise ConfigError(
+        f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}"
+    )

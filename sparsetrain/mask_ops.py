@@ -73,7 +73,9 @@ def drop_lowest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor
     """Deactivate the ``n`` active positions of ``mask`` with the smallest ``score``."""
     active = int(mask.sum())
     n = max(0, min(int(n), active))
-    keep_score = torch.where(mask, score.detach().float(), torch.tensor(-math.inf, device=mask.device))
+    keep_score = torch.where(
+        mask, score.detach().float(), torch.tensor(-math.inf, device=mask.device)
+    )
     return topk_mask(keep_score, active - n)
 
 
@@ -85,7 +87,9 @@ def grow_highest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tenso
     """
     free = mask.numel() - int(mask.sum())
     n = max(0, min(int(n), free))
-    grow_score = torch.where(mask, torch.tensor(-math.inf, device=mask.device), score.detach().float())
+    grow_score = torch.where(
+        mask, torch.tensor(-math.inf, device=mask.device), score.detach().float()
+    )
     return mask | topk_mask(grow_score, n)
 
 
@@ -135,7 +139,9 @@ def nm_mask(score: torch.Tensor, n: int, m: int, name: str = "tensor") -> torch.
     if not 0 < n <= m:
         raise ConfigError(f"N:M needs 0 < N <= M, got {n}:{m}")
     if score.dim() < 2:
-        raise ConfigError(f"N:M masks need a weight with >= 2 dims; {name} has shape {tuple(score.shape)}")
+        raise ConfigError(
+            f"N:M masks need a weight with >= 2 dims; {name} has shape {tuple(score.shape)}"
+        )
     in_channels = score.shape[1]
     if in_channels % m != 0:
         raise ConfigError(

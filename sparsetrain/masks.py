@@ -53,7 +53,10 @@ class Sparsifier:
         self.method: Method | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.step = 0
-        self._masks = {n: torch.ones_like(p, memory_format=torch.contiguous_format) for n, p in self.params.items()}
+        self._masks = {
+            n: torch.ones_like(p, memory_format=torch.contiguous_format)
+            for n, p in self.params.items()
+        }
         self._density = dict.fromkeys(self.params, 1.0)
         self._density_sum = dict.fromkeys(self.params, 0.0)
         self._shadow: dict[str, torch.Tensor] | None = None
@@ -97,7 +100,9 @@ class Sparsifier:
         """
         param = self.params[self._check_name(name)]
         if mask.shape != param.shape:
-            raise ConfigError(f"mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(param.shape)}")
+            raise ConfigError(
+                f"mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(param.shape)}"
+            )
         new = mask.to(device=param.device, dtype=torch.bool)
         old = self._masks[name].bool()
         new_float = new.to(param.dtype)
@@ -137,7 +142,10 @@ class Sparsifier:
         """Multiply every sparse weight by its mask."""
         if self._enforced:
             with torch.no_grad():
-                torch._foreach_mul_([self.params[n] for n in self._enforced], [self._masks[n] for n in self._enforced])
+                torch._foreach_mul_(
+                    [self.params[n] for n in self._enforced],
+                    [self._masks[n] for n in self._enforced],
+                )
 
     def mask_gradients(self) -> None:
         """Multiply every existing gradient of a sparse weight by its mask."""
@@ -210,7 +218,9 @@ class Sparsifier:
 
     def _check_name(self, name: str) -> str:
         if name not in self.params:
-            raise ConfigError(f"{name!r} is not a sparse parameter; sparse parameters: {', '.join(self.params)}")
+            raise ConfigError(
+                f"{name!r} is not a sparse parameter; sparse parameters: {', '.join(self.params)}"
+            )
         return name
 
     # ------------------------------------------------------------ reporting
@@ -228,7 +238,9 @@ class Sparsifier:
     def use_subnet(self, index: int | float) -> None:
         """Switch the active nested sub-network (methods with sub-networks only)."""
         if self.method is None or not hasattr(self.method, "use_subnet"):
-            raise ConfigError(f"method {getattr(self.method, 'name', None)!r} has no sub-networks to switch")
+            raise ConfigError(
+                f"method {getattr(self.method, 'name', None)!r} has no sub-networks to switch"
+            )
         self.method.use_subnet(self, index)
 
     def export(self, **options: Any) -> nn.Module:
@@ -258,27 +270,39 @@ class Sparsifier:
             "masks": self.masks,
             "targets": dict(self.targets),
             "density_sum": dict(self._density_sum),
-            "shadow": None if self._shadow is None else {n: t.clone() for n, t in self._shadow.items()},
+            "shadow": None
+            if self._shadow is None
+            else {n: t.clone() for n, t in self._shadow.items()},
             "method_state": self.method.state_dict() if self.method is not None else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore masks and counters; the weights themselves come from the model's state_dict."""
         if state.get("version", 0) > STATE_VERSION:
-            raise CheckpointError(f"sparsifier state version {state['version']} is newer than supported {STATE_VERSION}")
+            raise CheckpointError(
+                f"sparsifier state version {state['version']} is newer than supported {STATE_VERSION}"
+            )
         method = getattr(self.method, "name", None)
         if state.get("method") != method:
-            raise CheckpointError(f"sparsifier state is for method {state.get('method')!r}, this run uses {method!r}")
+            raise CheckpointError(
+                f"sparsifier state is for method {state.get('method')!r}, this run uses {method!r}"
+            )
         masks = state["masks"]
         if set(masks) != set(self.params):
             missing = sorted(set(self.params) - set(masks)) or sorted(set(masks) - set(self.params))
-            raise CheckpointError(f"sparsifier state does not match the model's sparse parameters: {missing[:5]}")
+            raise CheckpointError(
+                f"sparsifier state does not match the model's sparse parameters: {missing[:5]}"
+            )
         for name, mask in masks.items():
             if mask.shape != self.params[name].shape:
-                raise CheckpointError(f"mask {name} has shape {tuple(mask.shape)}, weight has {tuple(self.params[name].shape)}")
-        self._shadow = None if state.get("shadow") is None else {
-            n: t.to(self.params[n].device).clone() for n, t in state["shadow"].items()
-        }
+                raise CheckpointError(
+                    f"mask {name} has shape {tuple(mask.shape)}, weight has {tuple(self.params[name].shape)}"
+                )
+        self._shadow = (
+            None
+            if state.get("shadow") is None
+            else {n: t.to(self.params[n].device).clone() for n, t in state["shadow"].items()}
+        )
         with torch.no_grad():
             for name, mask in masks.items():
                 param = self.params[name]

@@ -16,4 +16,11 @@ for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _module.name not in {"base", "registry"}:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Method", "build_method", "get_method", "list_methods", "method_options", "register_method"]
+__all__ = [
+    "Method",
+    "build_method",
+    "get_method",
+    "list_methods",
+    "method_options",
+    "register_method",
+]

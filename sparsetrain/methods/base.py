@@ -59,7 +59,9 @@ class Method:
         self.seed = int(seed)
         self.erk_power = float(erk_power)
         if self.needs_total_steps and not total_steps:
-            raise ConfigError(f"method {self.name!r} needs total_steps (its schedule spans training)")
+            raise ConfigError(
+                f"method {self.name!r} needs total_steps (its schedule spans training)"
+            )
 
     # ------------------------------------------------------------------ hooks
     def init_masks(self, sp: Sparsifier) -> None:
@@ -92,7 +94,9 @@ class Method:
     def export(self, sp: Sparsifier, **options: Any) -> nn.Module:
         """The plain trained model with masks baked in."""
         if options:
-            raise ConfigError(f"method {self.name!r} takes no export option(s) {', '.join(options)}")
+            raise ConfigError(
+                f"method {self.name!r} takes no export option(s) {', '.join(options)}"
+            )
         return sp.baked_copy()
 
     # --------------------------------------------------------------- helpers
@@ -104,7 +108,9 @@ class Method:
     def epoch_of(self, t: int) -> float:
         """Fractional epoch at the end of step ``t``."""
         if not self.steps_per_epoch:
-            raise ConfigError(f"method {self.name!r} needs steps_per_epoch for its epoch-based schedule")
+            raise ConfigError(
+                f"method {self.name!r} needs steps_per_epoch for its epoch-based schedule"
+            )
         return t / self.steps_per_epoch
 
     def steps_from(self, value: float | int, unit: str) -> int:

@@ -19,7 +19,9 @@ class Dense(Method):
     def __init__(self, **common) -> None:
         super().__init__(**common)
         if float(self.sparsity) != 0.0:
-            raise ConfigError(f"method 'dense' trains no sparse weights; sparsity must be 0, got {self.sparsity}")
+            raise ConfigError(
+                f"method 'dense' trains no sparse weights; sparsity must be 0, got {self.sparsity}"
+            )
 
     def init_masks(self, sp: Sparsifier) -> None:
         sp.targets = dict.fromkeys(sp.params, 0.0)
