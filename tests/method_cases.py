@@ -1,0 +1,19 @@
+"""One small, fast configuration per registered method, used by the registry-driven tests.
+
+Every registered method must have an entry (a test checks it), so a new method is covered by the
+invariant tests automatically. ``steps`` runs are short: schedules are chosen so that every
+method changes its masks at least once within them.
+
+Keys: ``sparsity`` (float, or list for nested sub-networks), ``options`` (method options),
+``final_sparsity`` (expected sparsity over sparse parameters after ``STEPS`` steps, or None to skip),
+``kept_values`` (True when weights outside the active mask keep their values and optimizer state,
+as in AST).
+"""
+
+STEPS = 60
+STEPS_PER_EPOCH = 10
+
+CASES: dict[str, dict] = {
+    "dense": {"sparsity": 0.0, "options": {}, "final_sparsity": 0.0},
+    "static": {"sparsity": 0.8, "options": {}, "final_sparsity": 0.8},
+}

@@ -1,0 +1,111 @@
+"""Invariants every registered method must keep; parametrized over the registry."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsetrain as st
+from tests.conftest import TinyCNN
+from tests.method_cases import CASES, STEPS, STEPS_PER_EPOCH
+
+METHODS = st.list_methods()
+
+
+def test_every_method_has_a_case():
+    assert set(METHODS) <= set(CASES), (
+        f"add a case to tests/method_cases.py for {set(METHODS) - set(CASES)}"
+    )
+
+
+def _run(name: str, optimizer_name: str, steps: int = STEPS, seed: int = 0):
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    if optimizer_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    case = CASES[name]
+    sp = st.sparsify(
+        model,
+        opt,
+        method=name,
+        sparsity=case["sparsity"],
+        total_steps=STEPS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        seed=seed,
+        **case["options"],
+    )
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(steps):
+        x = torch.randn(16, 1, 16, 16, generator=g)
+        y = torch.randint(0, 4, (16,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        history.append(sp.masks)
+    return model, opt, sp, history
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", METHODS)
+def test_masked_weights_and_state_are_zero(name, optimizer_name):
+    model, opt, sp, _ = _run(name, optimizer_name)
+    for pname, mask in sp.masks.items():
+        param = sp.params[pname]
+        assert torch.all(param[~mask] == 0), f"{pname}: masked weights not zero"
+        if CASES[name].get("kept_values"):
+            continue
+        for key, state in opt.state[param].items():
+            if isinstance(state, torch.Tensor) and state.shape == param.shape:
+                assert torch.all(state[~mask] == 0), f"{pname}: optimizer state {key} not masked"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_final_sparsity_is_exact(name):
+    _, _, sp, _ = _run(name, "sgd")
+    expected = CASES[name]["final_sparsity"]
+    if expected is None:
+        pytest.skip("method has no single final sparsity")
+    total = sum(p.numel() for p in sp.params.values())
+    zeros = sum(int((~m).sum()) for m in sp.masks.values())
+    assert zeros == pytest.approx(expected * total, abs=len(sp.params))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_dict_round_trip_restores_masks(name):
+    model, opt, sp, _ = _run(name, "sgd", steps=STEPS // 2 + 1)
+    state = copy.deepcopy(sp.state_dict())
+    fresh_model = TinyCNN()
+    fresh_opt = torch.optim.SGD(fresh_model.parameters(), lr=0.05, momentum=0.9)
+    case = CASES[name]
+    fresh = st.sparsify(
+        fresh_model,
+        fresh_opt,
+        method=name,
+        sparsity=case["sparsity"],
+        total_steps=STEPS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        seed=123,
+        **case["options"],
+    )
+    fresh.load_state_dict(state)  # masks first, then the weights: init masks zeroed other weights
+    fresh_model.load_state_dict(model.state_dict())
+    assert fresh.step == sp.step
+    for pname, mask in sp.masks.items():
+        assert torch.equal(fresh.masks[pname], mask)
+        assert torch.equal(fresh.params[pname], sp.params[pname])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_export_loads_strict_into_plain_model(name):
+    model, _, sp, _ = _run(name, "sgd", steps=STEPS // 2 + 1)
+    plain = sp.export()
+    fresh = TinyCNN()
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    model.eval()
+    fresh.eval()
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
