@@ -16,4 +16,10 @@ STEPS_PER_EPOCH = 10
 CASES: dict[str, dict] = {
     "dense": {"sparsity": 0.0, "options": {}, "final_sparsity": 0.0},
     "static": {"sparsity": 0.8, "options": {}, "final_sparsity": 0.8},
+    # Reparameterizes after steps 10, 20, 30 (P = 10) and 40 (P = 20 after step 30; stop at 54).
+    "dsr": {
+        "sparsity": 0.8,
+        "options": {"periods": [10, 20], "period_starts": [0, 0.5], "stop": 0.9, "threshold": 0.01},
+        "final_sparsity": 0.8,
+    },
 }
