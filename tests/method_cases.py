@@ -16,6 +16,9 @@ STEPS_PER_EPOCH = 10
 CASES: dict[str, dict] = {
     "dense": {"sparsity": 0.0, "options": {}, "final_sparsity": 0.0},
     "static": {"sparsity": 0.8, "options": {}, "final_sparsity": 0.8},
+    # imagenet preset scaled to 60 steps: warm-up 6, compressed/decompressed 3 each from step 6,
+    # last dense 45-51, final compressed 51-60.
+    "acdc": {"sparsity": 0.9, "options": {}, "final_sparsity": 0.9},
     # Reparameterizes after steps 10, 20, 30 (P = 10) and 40 (P = 20 after step 30; stop at 54).
     "dsr": {
         "sparsity": 0.8,
