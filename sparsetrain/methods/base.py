@@ -19,6 +19,7 @@ from torch import nn
 
 from sparsetrain import distributions, mask_ops
 from sparsetrain.errors import ConfigError
+from sparsetrain.export import export_model, synthesize_input
 
 if TYPE_CHECKING:
     from sparsetrain.masks import Sparsifier
@@ -91,13 +92,13 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
 
-    def export(self, sp: Sparsifier, **options: Any) -> nn.Module:
-        """The plain trained model with masks baked in."""
-        if options:
-            raise ConfigError(
-                f"method {self.name!r} takes no export option(s) {', '.join(options)}"
-            )
-        return sp.baked_copy()
+    def export(self, sp: Sparsifier, format: str = "dense", **options: Any) -> nn.Module:
+        """The trained model with masks baked in, in ``format`` (:func:`export_model`): by default
+        plain, loading strictly into the model class; checked on a batch shaped like the inputs
+        seen in training unless ``example_input`` is given."""
+        if options.get("example_input") is None and sp.example_input is not None:
+            options["example_input"] = synthesize_input(sp.model, like=sp.example_input)
+        return export_model(sp.baked_copy(), sp.masks, format, **options)
 
     # --------------------------------------------------------------- helpers
     def layer_targets(self, sp: Sparsifier, sparsity: float) -> dict[str, float]:
