@@ -25,6 +25,17 @@ from sparsetrain.export import (
 from sparsetrain.export.timing import compare
 from tests.conftest import TinyCNN, tiny_mlp
 
+TINY_RUN = [  # one quick epoch on a small synthetic set, to get a real checkpoint
+    "--set",
+    "data.name=synthetic",
+    "data.options.num_samples=256",
+    "model.name=mlp",
+    "model.width=0.5",
+    "sparsity.sparsity=0.8",
+    "train.epochs=1",
+    "train.batch_size=64",
+]
+
 
 def _sparse(model: nn.Module, sparsity: float = 0.9) -> st.Sparsifier:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -278,3 +289,40 @@ def test_sparse_linear_equals_functional_linear_on_csr_call_form():
     x = torch.randn(4, 32)
     expected = F.linear(x, linear.weight, linear.bias)
     torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_export_writes_files_that_load_back(tmp_path, capsys):
+    from sparsetrain import cli
+    from sparsetrain.train.checkpoint import load_checkpoint
+
+    assert cli.main(["-q", "train", *TINY_RUN, "--out", str(tmp_path / "run")]) == 0
+    ckpt = tmp_path / "run" / "final.pt"
+    _, _, model = cli._load_run(str(ckpt))
+    masks = load_checkpoint(ckpt)["sparsifier"]["masks"]
+    x = torch.randn(4, model.fc1.in_features)  # the MLP flattens its input
+    expected = _outputs(bake(model, masks), x)
+
+    assert (
+        cli.main(["-q", "export", str(ckpt), "--format", "compressed", "-o", str(tmp_path / "c")])
+        == 0
+    )
+    model.load_state_dict(load_compressed(tmp_path / "c"), strict=True)
+    torch.testing.assert_close(_outputs(model, x), expected, rtol=0, atol=0)
+
+    out = tmp_path / "s"
+    argv = [
+        "-q",
+        "export",
+        str(ckpt),
+        "--format",
+        "sparse-cpu",
+        "--batch-size",
+        "8",
+        "-o",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    assert "sparse layers on CSR kernels" in capsys.readouterr().out
+    loaded = load_sparse_cpu(cli._load_run(str(ckpt))[2], out)
+    assert set(loaded.export_decisions) == {"fc1", "fc2", "fc3"}
+    torch.testing.assert_close(_outputs(loaded, x), expected, rtol=1e-4, atol=1e-5)
