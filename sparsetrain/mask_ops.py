@@ -18,9 +18,11 @@ from sparsetrain.errors import ConfigError
 __all__ = [
     "check_sparsity",
     "drop_lowest",
+    "drop_signed",
     "generator_for",
     "global_topk",
     "grow_highest",
+    "n_drop",
     "n_keep",
     "nm_mask",
     "random_mask",
@@ -47,6 +49,15 @@ def n_keep(numel: int, sparsity: float) -> int:
     """
     keep = math.floor((1.0 - sparsity) * numel + 0.5 + 1e-9)
     return max(0, min(numel, keep))
+
+
+def n_drop(active: int, fraction: float) -> int:
+    """Number of the ``active`` weights a drop/grow update replaces at drop ``fraction``.
+
+    Floor, as in RigL's reference (``int(n_ones * drop_fraction)``): an update never replaces more
+    than the asked fraction, and a fraction of 0 changes nothing.
+    """
+    return max(0, min(int(active), math.floor(fraction * active + 1e-9)))
 
 
 def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,6 +88,22 @@ def drop_lowest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor
         mask, score.detach().float(), torch.tensor(-math.inf, device=mask.device)
     )
     return topk_mask(keep_score, active - n)
+
+
+def drop_signed(weight: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """SET's original drop: the ``fraction`` of active weights closest to 0 *within each sign*.
+
+    Mocanu et al. (2018) remove the smallest positive and the largest negative weights, counted
+    separately on the two halves, so a layer whose weights drift to one sign still rewires both.
+    Active exact zeros count with the positives (they are the smallest of them). Each side drops
+    :func:`n_drop` of its own count; ties go as in :func:`drop_lowest`.
+    """
+    w = weight.detach()
+    positive = mask & (w >= 0)
+    negative = mask & (w < 0)
+    kept_pos = drop_lowest(w, positive, n_drop(int(positive.sum()), fraction))
+    kept_neg = drop_lowest(-w, negative, n_drop(int(negative.sum()), fraction))
+    return kept_pos | kept_neg
 
 
 def grow_highest(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:

@@ -19,6 +19,11 @@ CASES: dict[str, dict] = {
     # imagenet preset scaled to 60 steps: warm-up 6, compressed/decompressed 3 each from step 6,
     # last dense 45-51, final compressed 51-60.
     "acdc": {"sparsity": 0.9, "options": {}, "final_sparsity": 0.9},
+    # Prunes at steps 6, 16, 26, 36 and 45 (start 0.1, end 0.75 of 60 steps).
+    "gmp": {"sparsity": 0.8, "options": {"frequency": 10}, "final_sparsity": 0.8},
+    "set": {"sparsity": 0.8, "options": {"update_every": 10}, "final_sparsity": 0.8},
+    # Updates at steps 10, 20, 30 and 40 (end 0.75 of 60 steps).
+    "rigl": {"sparsity": 0.8, "options": {"update_every": 10}, "final_sparsity": 0.8},
     # Reparameterizes after steps 10, 20, 30 (P = 10) and 40 (P = 20 after step 30; stop at 54).
     "dsr": {
         "sparsity": 0.8,
