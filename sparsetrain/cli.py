@@ -1,0 +1,287 @@
+"""``sparsetrain train|eval|report|export|methods``: the command line (argparse lives only here).
+
+Every error a user can fix (bad config, unknown name, missing data, corrupt checkpoint) ends the
+program with one line ``sparsetrain: error: <message>`` on stderr and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+from sparsetrain.errors import CheckpointError, SparsetrainError
+
+__all__ = ["main"]
+
+log = logging.getLogger("sparsetrain")
+
+
+def _with_dirs(config, data_dir: str | None = None, out: str | None = None):  # noqa: ANN001, ANN202
+    """Apply --data-dir / --out verbatim (a path is never parsed as YAML)."""
+    if data_dir is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, dir=data_dir))
+    if out is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, out=out))
+    return config
+
+
+def _read_run(path: str, data_dir: str | None = None):  # noqa: ANN202
+    """Checkpoint and its config."""
+    from sparsetrain.train.checkpoint import load_checkpoint
+    from sparsetrain.train.config import config_from_dict
+
+    checkpoint = load_checkpoint(path)
+    config = _with_dirs(config_from_dict(checkpoint["config"], f" in checkpoint {path}"), data_dir)
+    return checkpoint, config
+
+
+def _subnet_arg(text: str) -> int | float:
+    """``--subnet``: an index (``2``) or a sparsity (``0.9``)."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an index or a sparsity: {text!r}") from None
+
+
+def _pick_subnet(checkpoint: dict, subnet: int | float | None) -> dict:
+    """The checkpoint of one AST sub-network (plain model keys); others pass through."""
+    if subnet is None and checkpoint["sparsifier"].get("method") != "ast":
+        return checkpoint
+    from sparsetrain.methods.ast import subnet_checkpoint
+
+    return subnet_checkpoint(checkpoint, subnet)
+
+
+def _load_run(path: str, data_dir: str | None = None, subnet: int | float | None = None):  # noqa: ANN202
+    """Checkpoint (of sub-network ``subnet`` for AST), its config and its trained model."""
+    checkpoint, config = _read_run(path, data_dir)
+    checkpoint = _pick_subnet(checkpoint, subnet)
+    return checkpoint, config, _build_model(checkpoint, config, path)
+
+
+def _build_model(checkpoint: dict, config, path: str):  # noqa: ANN001, ANN202
+    from sparsetrain.train.loop import build_model_for
+
+    model = build_model_for(config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: weights do not fit the model in its config ({first})"
+        ) from None
+    return model
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sparsetrain.train.config import load_config
+    from sparsetrain.train.loop import train
+
+    config = _with_dirs(load_config(args.config, args.overrides), args.data_dir, args.out)
+    result = train(config)
+    print(f"final test accuracy: {result.test_acc:.2%} (test loss {result.test_loss:.4f})")
+    for key, value in result.extras.items():
+        print(f"{key}: {value}")
+    print()
+    print(result.report.format())
+    print()
+    print(f"run directory: {result.run_dir}")
+    print(f"checkpoint:    {result.checkpoint}")
+    print(f"plots:         {', '.join(str(p) for p in result.plots)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sparsetrain.data import load_dataset
+    from sparsetrain.train.loop import EVAL_BATCH_SIZE, evaluate, make_loader
+
+    saved, config = _read_run(args.checkpoint, args.data_dir)
+    d = config.data
+    test_set, _ = load_dataset(d.name, "test", d.dir, **d.options)
+    subnets = [args.subnet]
+    if args.subnet is None and saved["sparsifier"].get("method") == "ast":
+        subnets = list(range(len(saved["sparsifier"]["method_state"]["sparsities"])))
+    for subnet in subnets:
+        checkpoint = _pick_subnet(saved, subnet)
+        model = _build_model(checkpoint, config, args.checkpoint).to(args.device)
+        loss, acc = evaluate(model, make_loader(test_set, EVAL_BATCH_SIZE, None, 0))
+        masks = checkpoint["sparsifier"]["masks"]
+        total = sum(m.numel() for m in masks.values())
+        active = sum(int(m.sum()) for m in masks.values())
+        sparsity = 1.0 - active / total if total else 0.0
+        if subnet is not None:
+            print(f"sub-network {subnet}:")
+        print(
+            f"test accuracy: {acc:.2%} (test loss {loss:.4f}) on {len(test_set):,} {d.name} images"
+        )
+        print(f"sparsity: {sparsity:.2%} of {total:,} weights in {len(masks)} sparse tensors")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sparsetrain.data import dataset_info
+    from sparsetrain.report import plot_layer_sparsity
+    from sparsetrain.report.summary import build_report
+
+    checkpoint, config, model = _load_run(args.checkpoint, subnet=args.subnet)
+    state = checkpoint["sparsifier"]
+    info = dataset_info(config.data.name, **config.data.options)
+    example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+    report = build_report(
+        model,
+        state["masks"],
+        state["targets"],
+        example,
+        density_sum=state.get("density_sum"),
+        steps=state["step"],
+        batch_size=config.train.batch_size,
+    )
+    print(report.format())
+    if report.sparsity.rows:
+        out = args.output or Path(args.checkpoint).parent / "layer_sparsity.png"
+        print(f"plot: {plot_layer_sparsity(report.sparsity, out)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparsetrain.data import dataset_info
+    from sparsetrain.export import export_model
+
+    checkpoint, config, model = _load_run(args.checkpoint, subnet=args.subnet)
+    info = dataset_info(config.data.name, **config.data.options)
+    shape = (8, info.in_channels, info.image_size, info.image_size)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    options = {"batch_size": args.batch_size} if args.format == "sparse-cpu" else {}
+    exported = export_model(
+        model,
+        checkpoint["sparsifier"]["masks"],
+        args.format,
+        example_input=example,
+        path=args.output,
+        **options,
+    )
+    decisions = getattr(exported, "export_decisions", {}).values()
+    if decisions:
+        fast = [d.layer for d in decisions if d.choice == "sparse"]
+        names = ", ".join(fast) or "none (dense was as fast)"
+        print(f"{len(fast)} of {len(decisions)} sparse layers on CSR kernels: {names}")
+    print(f"{args.format} export: {args.output} ({Path(args.output).stat().st_size:,} bytes)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from sparsetrain.methods import get_method, list_methods, method_options
+
+    names = list_methods()
+    width = max(map(len, names))
+    for name in names:
+        cls = get_method(name)
+        doc = (inspect.getdoc(cls) or "").splitlines()
+        print(f"{name.ljust(width)}  {doc[0] if doc else ''}")
+        params = inspect.signature(cls.__init__).parameters
+        options = [
+            f"{o}={params[o].default!r}" if params[o].default is not inspect.Parameter.empty else o
+            for o in method_options(cls)
+        ]
+        if options:
+            print(f"{''.ljust(width)}  options: {', '.join(options)}")
+    return 0
+
+
+_SUBNET_HELP = "AST checkpoints: the sub-network, by index (0 = densest) or sparsity"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsetrain", description="Sparse training from scratch for PyTorch models."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", nargs="?", help="YAML config (default: the built-in default run)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="override a config key, e.g. --set optimizer.lr=0.1 sparsity.sparsity=0.95",
+    )
+    p.add_argument("--data-dir", help="dataset directory (sets data.dir)")
+    p.add_argument("--out", help="run directory (sets train.out)")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("eval", help="test accuracy of a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint written by `sparsetrain train`")
+    p.add_argument("--data-dir", help="dataset directory (overrides the checkpoint's data.dir)")
+    p.add_argument("--device", default="cpu", help="device to evaluate on (default: cpu)")
+    p.add_argument("--subnet", type=_subnet_arg, help=_SUBNET_HELP + " (default: every one)")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("report", help="per-layer sparsity and FLOPs of a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint written by `sparsetrain train`")
+    p.add_argument(
+        "-o", "--output", help="plot file (default: layer_sparsity.png beside the checkpoint)"
+    )
+    p.add_argument("--subnet", type=_subnet_arg, help=_SUBNET_HELP + " (required for AST)")
+    p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("export", help="export a checkpoint's sparse model to a file")
+    p.add_argument("checkpoint", help="a checkpoint written by `sparsetrain train`")
+    p.add_argument(
+        "--format",
+        choices=["dense", "compressed", "sparse-cpu"],
+        default="dense",
+        help="dense state_dict, lossless compressed file, or CSR kernels on CPU (default: dense)",
+    )
+    p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="sparse-cpu: batch size layers are timed at"
+    )
+    p.add_argument("--subnet", type=_subnet_arg, help=_SUBNET_HELP + " (required for AST)")
+    p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("methods", help="list the sparse-training methods and their options")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, or 2 for a user error)."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        return args.func(args)
+    except (SparsetrainError, yaml.YAMLError, FileNotFoundError, PermissionError) as error:
+        message = _one_line(error)
+    except KeyboardInterrupt:
+        print("sparsetrain: interrupted", file=sys.stderr)
+        return 130
+    print(f"sparsetrain: error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,164 @@
+"""``Sparsifier.report()``: per-layer sparsity, inference FLOPs and training FLOPs so far.
+
+Training FLOPs follow the 3x-forward convention of :func:`training_flops_per_step`, summed over
+the steps actually taken: each module's dense forward FLOPs are scaled by the density its own
+masked weights had at each step (the Sparsifier keeps the per-layer sum of densities over steps),
+so a method whose masks change over time (gradual pruning, AC/DC's dense phases) is charged for
+what it really computed, not for its final masks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sparsetrain.report.flops import FlopsReport, inference_flops, training_flops_per_step
+from sparsetrain.report.sparsity import SparsityReport, sparsity_report
+
+if TYPE_CHECKING:
+    from sparsetrain.masks import Sparsifier
+
+__all__ = ["Report", "build_report", "summarize"]
+
+
+@dataclass
+class Report:
+    """Everything ``sp.report()`` knows: sparsity table, FLOPs when an input shape is known."""
+
+    sparsity: SparsityReport
+    flops: FlopsReport | None = None  # forward FLOPs of one example
+    steps: int = 0
+    batch_size: int | None = None
+    training_flops: int | None = None  # all steps so far, sparse-effective
+    training_flops_dense: int | None = None  # the same steps with every weight dense
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "sparsity": self.sparsity.to_dict(),
+            "flops": None if self.flops is None else self.flops.to_dict(),
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "training_flops": self.training_flops,
+            "training_flops_dense": self.training_flops_dense,
+        }
+
+    def format(self) -> str:
+        """The sparsity table, then per-module and total FLOPs."""
+        lines = [self.sparsity.format()]
+        if self.flops is not None:
+            lines += ["", _flops_table(self.flops)]
+            lines.append(
+                f"inference FLOPs per example: {_human(self.flops.sparse)} sparse vs "
+                f"{_human(self.flops.dense)} dense ({self.flops.ratio:.2%})"
+            )
+        if self.training_flops is not None and self.training_flops_dense:
+            ratio = self.training_flops / self.training_flops_dense
+            lines.append(
+                f"training FLOPs so far ({self.steps:,} steps of batch {self.batch_size}): "
+                f"{_human(self.training_flops)} vs {_human(self.training_flops_dense)} dense "
+                f"({ratio:.2%})"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _human(flops: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.2f} {unit}FLOPs"
+    return f"{flops:.0f} FLOPs"
+
+
+def _flops_table(flops: FlopsReport) -> str:
+    rows = [("module", "dense", "sparse", "ratio")]
+    for name, (dense, sparse) in flops.per_module.items():
+        rows.append(
+            (
+                name or "(root)",
+                f"{dense:,}",
+                f"{sparse:,}",
+                f"{sparse / dense:.2%}" if dense else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    out = [
+        "  ".join(
+            [
+                row[0].ljust(widths[0]),
+                *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)),
+            ]
+        )
+        for row in rows
+    ]
+    out.insert(1, "-" * len(out[0]))
+    return "\n".join(out)
+
+
+def _training_flops(
+    model: nn.Module,
+    flops: FlopsReport,
+    density_sum: Mapping[str, float],
+    steps: int,
+    batch_size: int,
+) -> tuple[int, int]:
+    """(sparse-effective, dense) training FLOPs of ``steps`` steps of ``batch_size`` examples."""
+    params = dict(model.named_parameters())
+    owned: dict[str, list[str]] = defaultdict(list)
+    for name in density_sum:
+        owned[name.rpartition(".")[0]].append(name)
+    sparse_forward = 0.0
+    for module, (dense, sparse) in flops.per_module.items():
+        names = owned.get(module)
+        if names:  # numel-weighted sum over steps of the module's density
+            numel = sum(params[n].numel() for n in names)
+            sparse_forward += dense * sum(density_sum[n] * params[n].numel() for n in names) / numel
+        else:  # no masked weight of its own: what it costs now, it cost at every step
+            sparse_forward += sparse * steps
+    dense_forward = flops.dense * steps
+    return (
+        training_flops_per_step(dense_forward, round(sparse_forward), batch_size),
+        training_flops_per_step(dense_forward, dense_forward, batch_size),
+    )
+
+
+def build_report(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    targets: Mapping[str, float] | None = None,
+    example_input: torch.Tensor | None = None,
+    *,
+    density_sum: Mapping[str, float] | None = None,
+    steps: int = 0,
+    batch_size: int | None = None,
+) -> Report:
+    """A :class:`Report` from its pieces (what a checkpoint holds, without a live Sparsifier)."""
+    report = Report(sparsity_report(model, masks, targets), steps=steps, batch_size=batch_size)
+    if example_input is None:
+        return report
+    report.flops = inference_flops(model, example_input[:1], masks)
+    if density_sum is not None and steps > 0 and batch_size:
+        report.training_flops, report.training_flops_dense = _training_flops(
+            model, report.flops, density_sum, steps, batch_size
+        )
+    return report
+
+
+def summarize(sp: Sparsifier, example_input: torch.Tensor | None = None) -> Report:
+    """The report of a live Sparsifier (what ``sp.report()`` returns)."""
+    return build_report(
+        sp.model,
+        sp.masks,
+        sp.targets,
+        example_input,
+        density_sum=sp.mean_density_steps(),
+        steps=sp.step,
+        batch_size=sp.batch_size,
+    )

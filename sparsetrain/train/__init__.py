@@ -1,0 +1,20 @@
+"""Config-driven training: ``train(load_config("run.yaml"))`` is what ``sparsetrain train`` runs."""
+
+from sparsetrain.train.checkpoint import load_checkpoint, save_checkpoint
+from sparsetrain.train.config import Config, config_from_dict, load_config, save_config
+from sparsetrain.train.loop import RunResult, TrainContext, TrainState, evaluate, run_epochs, train
+
+__all__ = [
+    "Config",
+    "RunResult",
+    "TrainContext",
+    "TrainState",
+    "config_from_dict",
+    "evaluate",
+    "load_checkpoint",
+    "load_config",
+    "run_epochs",
+    "save_checkpoint",
+    "save_config",
+    "train",
+]

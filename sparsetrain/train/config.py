@@ -1,0 +1,404 @@
+"""Run configuration: YAML file -> validated, frozen dataclasses, with ``--set a.b=value`` overrides.
+
+Every key has a default (the dataclass field), so an empty file is the default run. Unknown keys
+are errors naming the full dotted key and the closest valid one: a typo must not silently train
+the wrong thing. The three ``options`` mappings (model, data, method) accept any key here; their
+owners (model builder, dataset, method) reject unknown ones by name when the run is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import time
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsetrain.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "LRScheduleConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "SparsityConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "resolve",
+    "save_config",
+]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small_cnn"  # a name from sparsetrain.models.list_models()
+    width: float = 1.0  # multiplies every hidden width
+    options: dict[str, Any] = field(default_factory=dict)  # the builder's own keywords
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion_mnist"  # a name from sparsetrain.data.list_datasets()
+    dir: str | None = None  # None: the dataset's default location
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. synthetic: {num_samples: 512}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    seed: int = 0
+    out: str | None = None  # run directory; None: runs/<method>-<model>-<name or timestamp>
+    name: str | None = None
+    eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
+    device: str = "cpu"  # cpu, cuda, cuda:N
+    num_workers: int = 0  # DataLoader workers; the data is in memory, so 0 is usually fastest
+    log_every: int = 100  # steps between loss log lines; 0 disables them
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"  # sgd or adamw
+    lr: float = 0.05
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 5.0e-4
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+
+
+@dataclass(frozen=True)
+class LRScheduleConfig:
+    name: str = "cosine"  # cosine (to 0), step (x gamma at each milestone) or constant
+    warmup_epochs: float = 0.0  # linear warm-up from lr / warmup_steps, then the schedule
+    milestones: tuple[float, ...] = ()  # step only: epochs at which the lr is multiplied by gamma
+    gamma: float = 0.1  # step only
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    method: str = "static"  # a name from sparsetrain.list_methods()
+    sparsity: float | list[float] = 0.9  # fraction of zeros in [0, 1); a list for AST
+    distribution: str | None = None  # uniform, erk or global; None: the method's default
+    dense: list[str] = field(default_factory=list)  # parameter-name globs kept dense
+    include: list[str] | None = None  # parameter-name globs made sparse instead of ndim >= 2
+    dense_first: bool = False  # keep the first sparse parameter dense
+    dense_last: bool = False  # keep the last sparse parameter dense
+    erk_power: float = 1.0
+    seed: int | None = None  # mask seed; None: train.seed
+    options: dict[str, Any] = field(default_factory=dict)  # method options (sparsetrain methods)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (lists, not tuples) that ``config_from_dict`` reads back."""
+        return _plain(dataclasses.asdict(self))
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+_FREE = {"model.options", "data.options", "sparsity.options"}  # mappings with any keys
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _valid_keys() -> list[str]:
+    keys = []
+    for section, cls in _SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, [*_SECTIONS, *_valid_keys()], n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{where}{hint}")
+
+
+def _check_keys(raw: Mapping[str, Any], where: str) -> None:
+    for section, body in raw.items():
+        if section not in _SECTIONS:
+            raise _unknown_key(str(section), where)
+        if body is None:
+            continue
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"config section {section!r}{where} must be a mapping, got {body!r}")
+        names = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        for key in body:
+            if key not in names:
+                raise _unknown_key(f"{section}.{key}", where)
+
+
+# ------------------------------------------------------------------ typing
+def _conform(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the field's type hint; ints are accepted for floats."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _conform(value, arg, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key {key!r} needs {len(args)} values, got {value!r}")
+            return tuple(_conform(v, a, key) for v, a in zip(value, args, strict=True))
+        item = args[0] if args else Any
+        items = [_conform(v, item, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key {key!r} must be a mapping of names, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def _section(section: str, body: Mapping[str, Any] | None) -> Any:
+    cls = _SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    values = {k: _conform(v, hints[k], f"{section}.{k}") for k, v in (body or {}).items()}
+    return cls(**values)
+
+
+# -------------------------------------------------------------- validation
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: unknown {value!r}{hint}; choose one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config key {key!r} must be {bound}, got {value!r}")
+
+
+def _validate(config: Config) -> None:
+    from sparsetrain.data import dataset_info, list_datasets
+    from sparsetrain.distributions import DISTRIBUTIONS
+    from sparsetrain.methods import get_method, list_methods, method_options
+    from sparsetrain.models import list_models
+
+    _choice("model.name", config.model.name, list_models())
+    _choice("data.name", config.data.name, list_datasets())
+    dataset_info(config.data.name, **config.data.options)  # rejects unknown data options
+    _choice("sparsity.method", config.sparsity.method, list_methods())
+    _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
+    _choice("lr_schedule.name", config.lr_schedule.name, SCHEDULES)
+    if config.sparsity.distribution is not None:
+        _choice("sparsity.distribution", config.sparsity.distribution, DISTRIBUTIONS)
+
+    t = config.train
+    _positive("model.width", config.model.width)
+    for key in ("epochs", "batch_size", "eval_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("num_workers", "log_every"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if t.device != "cpu" and t.device != "cuda" and not t.device.startswith("cuda:"):
+        raise ConfigError(f"train.device must be cpu, cuda or cuda:N, got {t.device!r}")
+
+    o = config.optimizer
+    _positive("optimizer.lr", o.lr)
+    for key in ("momentum", "weight_decay"):
+        _positive(f"optimizer.{key}", getattr(o, key), allow_zero=True)
+    if o.nesterov and (o.name != "sgd" or o.momentum == 0):
+        raise ConfigError("optimizer.nesterov needs optimizer.name sgd with momentum > 0")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optimizer.betas must lie in [0, 1), got {list(o.betas)}")
+
+    s = config.lr_schedule
+    _positive("lr_schedule.warmup_epochs", s.warmup_epochs, allow_zero=True)
+    if s.warmup_epochs >= t.epochs:
+        raise ConfigError(
+            f"lr_schedule.warmup_epochs ({s.warmup_epochs}) must be less than train.epochs "
+            f"({t.epochs})"
+        )
+    _positive("lr_schedule.gamma", s.gamma)
+    if s.name == "step" and not s.milestones:
+        raise ConfigError("lr_schedule.milestones (epochs) must be given for the step schedule")
+    if list(s.milestones) != sorted(s.milestones) or any(m <= 0 for m in s.milestones):
+        raise ConfigError(f"lr_schedule.milestones must be increasing and > 0, got {s.milestones}")
+
+    sp = config.sparsity
+    levels = sp.sparsity if isinstance(sp.sparsity, list) else [sp.sparsity]
+    if not levels:
+        raise ConfigError("sparsity.sparsity list is empty")
+    for level in levels:
+        if not 0.0 <= level < 1.0:
+            raise ConfigError(f"sparsity.sparsity must lie in [0, 1), got {level}")
+    valid = method_options(get_method(sp.method))
+    for option in sp.options:
+        if option not in valid:
+            close = difflib.get_close_matches(str(option), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown option 'sparsity.options.{option}' for method {sp.method!r}{hint}; "
+                f"valid options: {', '.join(valid) or 'none'}"
+            )
+
+
+# ------------------------------------------------------------------ public
+def config_from_dict(raw: Mapping[str, Any] | None, where: str = "") -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (missing keys take defaults).
+
+    ``where`` (e.g. ``" in run.yaml"``) is appended to error messages to say where a key came from.
+    """
+    raw = raw or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections{where}, got {raw!r}")
+    _check_keys(raw, where)
+    config = Config(**{name: _section(name, raw.get(name)) for name in _SECTIONS})
+    _validate(config)
+    return config
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. optimizer.lr=0.1), got {item!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({error})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b=value`` of ``overrides`` set (values parsed as YAML).
+
+    ``sparsity.options.name=value`` sets one method option; other keys must name a config field.
+    """
+    out = _plain(dict(raw))
+    for item in overrides:
+        path, value = _parse_override(item)
+        dotted = ".".join(path)
+        if len(path) == 1 and path[0] in _SECTIONS:
+            raise ConfigError(f"--set {item!r}: {path[0]!r} is a section; set one of its keys")
+        if path[0] not in _SECTIONS:
+            raise _unknown_key(dotted, " (from --set)")
+        if len(path) >= 2:
+            _check_keys({path[0]: {path[1]: None}}, " (from --set)")
+        free = ".".join(path[:2]) in _FREE
+        if len(path) < 2 or (len(path) > 2 and not free) or (free and len(path) > 3):
+            raise _unknown_key(dotted, " (from --set)")
+        node = out
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                prefix = ".".join(path[: depth + 1])
+                raise ConfigError(f"--set {dotted}: {prefix!r} is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and start is not None:
+            problem += f" ({context} started at line {start.line + 1})"
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (None: all defaults) and apply ``--set`` style ``overrides``."""
+    raw: Any = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        raw = _read_yaml(path) or {}
+        where = f" in {path}"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path}: a config must be a mapping of sections, got {raw!r}")
+        _check_keys(raw, where)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        where = f"{where} (or --set)" if where else " (from --set)"
+    return config_from_dict(raw, where)
+
+
+def resolve(config: Config, now: float | None = None) -> Config:
+    """Fill in what the defaults leave open, so the saved config says exactly what ran.
+
+    ``sparsity.seed`` <- ``train.seed``; ``sparsity.distribution`` <- the method's default;
+    ``train.out`` <- ``runs/<method>-<model>-<train.name or a timestamp>``.
+    """
+    from sparsetrain.methods import get_method
+
+    sp = config.sparsity
+    seed = config.train.seed if sp.seed is None else sp.seed
+    distribution = sp.distribution or get_method(sp.method).default_distribution
+    out = config.train.out
+    if out is None:
+        tag = config.train.name or time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        out = str(Path("runs") / f"{sp.method}-{config.model.name}-{tag}")
+    return dataclasses.replace(
+        config,
+        train=dataclasses.replace(config.train, out=out),
+        sparsity=dataclasses.replace(sp, seed=seed, distribution=distribution),
+    )
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write ``config`` as YAML (the sections in their usual order)."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
