@@ -112,6 +112,7 @@ def plot(rows: list[dict], batches: tuple[int, ...], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
     fig, axes = plt.subplots(1, len(batches), figsize=(3.2 * len(batches), 3.2), sharey=True)
     for ax, batch in zip(axes if len(batches) > 1 else [axes], batches, strict=True):
@@ -125,13 +126,18 @@ def plot(rows: list[dict], batches: tuple[int, ...], path: Path) -> None:
                 ax.plot([100 * s for s, _ in pts], [v for _, v in pts], "o-", label=label)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(FixedLocator([0.5, 1, 2, 5, 10, 20, 50]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.set_title(f"batch {batch}")
         ax.set_xlabel("sparsity (%)")
         ax.grid(alpha=0.3, which="both")
     axes_list = axes if len(batches) > 1 else [axes]
-    axes_list[0].set_ylabel("speed-up over dense (x)")
+    axes_list[0].set_ylabel("speed-up over dense")
     axes_list[0].legend(fontsize=8)
-    fig.suptitle(f"sparse-cpu export vs dense, CPU inference ({torch.get_num_threads()} threads)")
+    threads = torch.get_num_threads()
+    fig.suptitle(
+        f"sparse-cpu export vs dense, CPU inference ({threads} thread{'s' * (threads > 1)})"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -259,6 +259,8 @@ def test_bad_requests_are_refused_with_a_message():
         export_model(model, None, "onnx")
     with pytest.raises(ConfigError, match="batch_size"):
         export_model(model, None, "compressed", batch_size=3)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        export_model(model, None, "sparse-cpu", batch_size=0)
     with pytest.raises(ExportError, match="shape"):
         export_model(model, {"0.weight": torch.ones(3, 3, dtype=torch.bool)}, "dense")
     with pytest.raises(ExportError, match="names no parameter"):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.errors import ExportError
+from sparsetrain.errors import ConfigError, ExportError
 from sparsetrain.export.timing import compare
 
 __all__ = ["LayerDecision", "SparseLinear", "load_sparse_cpu", "save_sparse_cpu", "to_sparse_cpu"]
@@ -154,11 +154,13 @@ def to_sparse_cpu(
     wherever timing at ``batch_size`` shows it at least ``min_speedup`` times faster; returns the
     model (a new root only when the model itself is one Linear).
 
-    Every layer with a sparse weight gets a :class:`LayerDecision` in
+    ``batch_size`` is the number of input rows a layer sees per call (batch x tokens for a
+    sequence model). Every layer with a sparse weight gets a :class:`LayerDecision` in
     ``model.export_decisions`` (also logged), measured or explained.
     """
-    if batch_size < 1:
-        raise ExportError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for key, value in (("batch_size", batch_size), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"sparse-cpu {key} must be a positive integer, got {value!r}")
     model.cpu()
     decisions: dict[str, LayerDecision] = {}
     for name, module in list(model.named_modules()):
