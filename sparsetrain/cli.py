@@ -55,7 +55,7 @@ def _pick_subnet(checkpoint: dict, subnet: int | float | None) -> dict:
     """The checkpoint of one AST sub-network (plain model keys); others pass through."""
     if subnet is None and checkpoint["sparsifier"].get("method") != "ast":
         return checkpoint
-    from sparsetrain.methods.ast import subnet_checkpoint
+    from sparsetrain.subnet_checkpoint import subnet_checkpoint
 
     return subnet_checkpoint(checkpoint, subnet)
 

@@ -30,4 +30,12 @@ CASES: dict[str, dict] = {
         "options": {"periods": [10, 20], "period_starts": [0, 0.5], "stop": 0.9, "threshold": 0.01},
         "final_sparsity": 0.8,
     },
+    # Sub-network k updates at its first own step from 2k + 6j; the ramp ends at 42, the last
+    # pruning updates are at 43, 44 and 48. After step 60, sub-network 60 mod 3 = 0 is active.
+    "ast": {
+        "sparsity": [0.5, 0.75, 0.9],
+        "options": {"update_every": 6},
+        "final_sparsity": 0.5,
+        "kept_values": True,
+    },
 }
