@@ -4,6 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+# Tiny models run fastest on one thread; two threads on a loaded 2-core machine are 10-100x slower.
+torch.set_num_threads(1)
+
 
 class TinyCNN(nn.Module):
     """Conv + BN + Linear: the layer kinds every method must handle, small enough for fast tests."""
