@@ -203,3 +203,34 @@ def test_rng_state_round_trip(tmp_path):
     again = (torch.rand(3), np.random.rand(), random.random(), torch.rand(2, generator=generator))
     assert torch.equal(expected[0], again[0]) and torch.equal(expected[3], again[3])
     assert math.isclose(expected[1], again[1]) and expected[2] == again[2]
+
+
+# ------------------------------------------------------------- report summary
+def test_training_flops_follow_the_density_at_each_step():
+    import torch.nn.functional as F
+    from torch import nn
+
+    import sparsetrain as st
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.sparsify(model, opt, method="dense", sparsity=0.0)
+    x, y = torch.randn(5, 4, 4), torch.randint(0, 4, (5,))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    step()  # two dense steps, then two steps with layer 1 at density 1/4
+    sp.set_mask("1.weight", torch.arange(128).view(8, 16) % 4 == 0)
+    step()
+    step()
+    report = sp.report()
+    assert report.flops.per_module == {"1": (256, 64), "3": (64, 64)}
+    forward = 2 * (256 + 64) + 2 * (64 + 64)  # per example, summed over the four steps
+    assert report.training_flops == 3 * 5 * forward
+    assert report.training_flops_dense == 3 * 5 * 4 * (256 + 64)
+    assert "training FLOPs so far (4 steps of batch 5)" in str(report)

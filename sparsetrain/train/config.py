@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 128
     seed: int = 0
     out: str | None = None  # run directory; None: runs/<method>-<model>-<name or timestamp>

@@ -368,7 +368,7 @@ def train(config: Config) -> RunResult:
     (run_dir / "report.txt").write_text(report.format() + "\n")
     summary = {"metrics": last, "extras": extras, **report.to_dict()}
     (run_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plots = [plot_training_curves(metrics_path, run_dir / "curves.png")]
+    plots = [plot_training_curves(metrics, run_dir / "curves.png")]  # main run, no extra phases
     if report.sparsity.rows:
         plots.append(plot_layer_sparsity(report.sparsity, run_dir / "layer_sparsity.png"))
     return RunResult(
