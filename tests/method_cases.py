@@ -30,6 +30,8 @@ CASES: dict[str, dict] = {
         "options": {"periods": [10, 20], "period_starts": [0, 0.5], "stop": 0.9, "threshold": 0.01},
         "final_sparsity": 0.8,
     },
+    # 2 rounds x 2 groups of 12 steps: prune-back/grow at 12, 24, 36; last prune at 48, fine-tune.
+    "gap": {"sparsity": 0.8, "options": {"groups": 2}, "final_sparsity": 0.8},
     # Sub-network k updates at its first own step from 2k + 6j; the ramp ends at 42, the last
     # pruning updates are at 43, 44 and 48. After step 60, sub-network 60 mod 3 = 0 is active.
     "ast": {
