@@ -89,6 +89,11 @@ def test_step_length_fits_as_many_rounds_as_possible():
     assert rounds == 1 and phases.as_list()[-1] == ("step", 50, 100)
 
 
+def test_a_layout_without_finetune_ends_exactly_at_the_last_step():
+    rounds, phases = gap_phases(97, 7, rounds=3, finetune=0, unit="steps")
+    assert len(phases) == 21 and phases.total_steps == 97 and phases[-1].kind == "step"
+
+
 def test_layouts_that_do_not_fit_are_errors():
     with pytest.raises(st.ConfigError, match="do not fit"):
         gap_phases(100, 4, rounds=3, step_length=10, unit="steps")
@@ -157,7 +162,12 @@ def _state(sp):
 
 @pytest.mark.parametrize(
     "options",
-    [{"groups": 2}, {"groups": 3, "distribution": "global"}, {"partition": [["conv*"], ["fc1"]]}],
+    [
+        {"groups": 2},
+        {"groups": 3, "distribution": "global"},
+        {"partition": [["conv*"], ["fc1"]]},
+        {"groups": 2, "finetune": 0},
+    ],
 )
 def test_exactly_one_group_is_dense_in_cyclic_order_then_all_sparse(options):
     seen = []
@@ -173,7 +183,7 @@ def test_exactly_one_group_is_dense_in_cyclic_order_then_all_sparse(options):
     kappa = len(sp.method.partition)
     order = [g for i, g in enumerate(seen) if i == 0 or g != seen[i - 1]]
     assert order == [*[i % kappa for i in range(2 * kappa)], None]  # 2 rounds, then fine-tune
-    assert seen.count(None) == STEPS - sp.method.phases[-1].start_step + 1
+    assert seen.count(None) == STEPS - sp.method.phases[2 * kappa - 1].end_step + 1
     zeros = sum(int((~m).sum()) for m in sp.masks.values())
     total = sum(p.numel() for p in sp.params.values())
     expected = sum(

@@ -113,7 +113,8 @@ def gap_phases(
             raise ConfigError(f"GaP finetune ({reserved:g} steps) leaves no step of {total_steps}")
         length = (total_steps - reserved) / (rounds * steps_per_round)
     lengths = [("step", length)] * (rounds * steps_per_round)
-    rest = max(0.0, total_steps - rounds * steps_per_round * length)
+    rest = total_steps - rounds * steps_per_round * length
+    rest = 0.0 if rest < 1e-6 else rest  # float residue of a layout that fills training
     return rounds, Phases.from_lengths([*lengths, (FINETUNE, rest)], total_steps)
 
 
