@@ -1,4 +1,4 @@
-"""``sparsetrain train|eval|report|export|methods``: the command line (argparse lives only here).
+"""``sparsetrain train|eval|report|export|compare|methods``: the command line (argparse only here).
 
 Every error a user can fix (bad config, unknown name, missing data, corrupt checkpoint) ends the
 program with one line ``sparsetrain: error: <message>`` on stderr and exit code 2, no traceback.
@@ -196,6 +196,25 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sparsetrain.compare import load_grid, run_grid, write_summary
+
+    grid = load_grid(args.config, quick=args.quick, overrides=args.overrides)
+    out = Path(args.out or ("runs/compare_quick" if args.quick else "runs/compare"))
+    if not args.verbose:  # per-epoch lines of every cell would bury the grid's progress
+        logging.getLogger("sparsetrain").setLevel(logging.WARNING)
+        logging.getLogger("sparsetrain.compare").setLevel(logging.INFO)
+    outcome = run_grid(grid, out)
+    written = write_summary(outcome.records, out, [v.name for v in grid.variants])
+    print(f"{len(outcome.ran)} cells run, {len(outcome.skipped)} already done")
+    print(f"results: {out / 'results.jsonl'}")
+    print(f"summary: {', '.join(str(p) for p in written)}")
+    if outcome.failed:
+        lines = "; ".join(f"{key}: {error}" for key, error in outcome.failed.items())
+        raise SparsetrainError(f"{len(outcome.failed)} cells failed ({lines}); re-run to retry")
+    return 0
+
+
 _SUBNET_HELP = "AST checkpoints: the sub-network, by index (0 = densest) or sparsity"
 
 
@@ -251,6 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--subnet", type=_subnet_arg, help=_SUBNET_HELP + " (required for AST)")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser(
+        "compare", help="train a grid of methods x sparsities x seeds x models; tables, plots"
+    )
+    p.add_argument("config", help="grid YAML (e.g. configs/compare.yaml)")
+    p.add_argument("--quick", action="store_true", help="the grid file's quick section")
+    p.add_argument("--out", help="results directory (default: runs/compare or runs/compare_quick)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="override a training config key of every cell, e.g. --set train.epochs=1",
+    )
+    p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("methods", help="list the sparse-training methods and their options")
     p.set_defaults(func=cmd_methods)

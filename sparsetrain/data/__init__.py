@@ -51,7 +51,16 @@ def _lookup(name: str) -> _Dataset:
 
 def dataset_info(name: str, **options: Any) -> DatasetInfo:
     """Channels, image size and classes of a dataset, without reading it (to build a model)."""
+    _train_subset(options)
     return _lookup(name).info(**options)
+
+
+def _train_subset(options: dict[str, Any]) -> int | None:
+    """Pop and check ``train_subset``, an option of every dataset (short comparison runs)."""
+    n = options.pop("train_subset", None)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"dataset option train_subset must be an integer >= 1, got {n!r}")
+    return n
 
 
 def load_dataset(
@@ -60,12 +69,19 @@ def load_dataset(
     """The `split` ("train" or "test") of dataset `name`, fully in memory, with its description.
 
     `data_dir` overrides the dataset's default location (Fashion-MNIST has one; MNIST and CIFAR-10
-    need it). Missing or corrupt files raise DataError naming the file and how to obtain the data.
+    need it). The option ``train_subset: N`` (any dataset) keeps N training examples, the same
+    fixed random pick in every run; the test split stays whole. Missing or corrupt files raise
+    DataError naming the file and how to obtain the data.
     """
     dataset = _lookup(name)
     check_split(split)
+    subset = _train_subset(options)
     info = dataset.info(**options)
     images, labels = dataset.load(split, data_dir, **options)
+    if subset is not None and split == "train" and subset < len(images):
+        # The same examples for every run and seed: a permutation fixed by seed 0.
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:subset]
+        images, labels = images[keep], labels[keep]
     _log.info(
         "loaded %s %s: %d images of shape %s", name, split, len(images), tuple(images.shape[1:])
     )

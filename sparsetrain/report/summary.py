@@ -4,7 +4,9 @@ Training FLOPs follow the 3x-forward convention of :func:`training_flops_per_ste
 the steps actually taken: each module's dense forward FLOPs are scaled by the density its own
 masked weights had at each step (the Sparsifier keeps the per-layer sum of densities over steps),
 so a method whose masks change over time (gradual pruning, AC/DC's dense phases) is charged for
-what it really computed, not for its final masks.
+what it really computed, not for its final masks. Steps that read the dense gradient of the masked
+weights (RigL's grow steps, counted by the method's ``dense_gradient_steps``) compute that weight
+gradient densely and are charged for it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Report:
     batch_size: int | None = None
     training_flops: int | None = None  # all steps so far, sparse-effective
     training_flops_dense: int | None = None  # the same steps with every weight dense
+    dense_gradient_steps: int = 0  # steps whose weight gradient was computed densely
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -46,6 +49,7 @@ class Report:
             "batch_size": self.batch_size,
             "training_flops": self.training_flops,
             "training_flops_dense": self.training_flops_dense,
+            "dense_gradient_steps": self.dense_gradient_steps,
         }
 
     def format(self) -> str:
@@ -108,8 +112,13 @@ def _training_flops(
     density_sum: Mapping[str, float],
     steps: int,
     batch_size: int,
+    dense_gradient_steps: int = 0,
 ) -> tuple[int, int]:
-    """(sparse-effective, dense) training FLOPs of ``steps`` steps of ``batch_size`` examples."""
+    """(sparse-effective, dense) training FLOPs of ``steps`` steps of ``batch_size`` examples.
+
+    Each of the ``dense_gradient_steps`` adds the dense minus the sparse weight-gradient product
+    (one forward's worth, at the current masks: the methods that need it keep their density).
+    """
     params = dict(model.named_parameters())
     owned: dict[str, list[str]] = defaultdict(list)
     for name in density_sum:
@@ -123,8 +132,9 @@ def _training_flops(
         else:  # no masked weight of its own: what it costs now, it cost at every step
             sparse_forward += sparse * steps
     dense_forward = flops.dense * steps
+    extra = dense_gradient_steps * (flops.dense - flops.sparse) * batch_size
     return (
-        training_flops_per_step(dense_forward, round(sparse_forward), batch_size),
+        training_flops_per_step(dense_forward, round(sparse_forward), batch_size) + extra,
         training_flops_per_step(dense_forward, dense_forward, batch_size),
     )
 
@@ -138,15 +148,21 @@ def build_report(
     density_sum: Mapping[str, float] | None = None,
     steps: int = 0,
     batch_size: int | None = None,
+    dense_gradient_steps: int = 0,
 ) -> Report:
     """A :class:`Report` from its pieces (what a checkpoint holds, without a live Sparsifier)."""
-    report = Report(sparsity_report(model, masks, targets), steps=steps, batch_size=batch_size)
+    report = Report(
+        sparsity_report(model, masks, targets),
+        steps=steps,
+        batch_size=batch_size,
+        dense_gradient_steps=dense_gradient_steps,
+    )
     if example_input is None:
         return report
     report.flops = inference_flops(model, example_input[:1], masks)
     if density_sum is not None and steps > 0 and batch_size:
         report.training_flops, report.training_flops_dense = _training_flops(
-            model, report.flops, density_sum, steps, batch_size
+            model, report.flops, density_sum, steps, batch_size, dense_gradient_steps
         )
     return report
 
@@ -161,4 +177,5 @@ def summarize(sp: Sparsifier, example_input: torch.Tensor | None = None) -> Repo
         density_sum=sp.mean_density_steps(),
         steps=sp.step,
         batch_size=sp.batch_size,
+        dense_gradient_steps=int(getattr(sp.method, "dense_gradient_steps", 0)),
     )

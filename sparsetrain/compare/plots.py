@@ -1,0 +1,94 @@
+"""Comparison figures: accuracy against sparsity per model, accuracy against training FLOPs.
+
+Drawn on an explicit Agg canvas (no ``pyplot``), like :mod:`sparsetrain.report.plots`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sparsetrain.compare.aggregate import Row
+
+__all__ = ["plot_accuracy_vs_sparsity", "plot_accuracy_vs_train_flops"]
+
+_MARKERS = "osD^v<>pPX*hH"
+
+
+def _style(names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    return {n: (f"C{i % 10}", _MARKERS[i % len(_MARKERS)]) for i, n in enumerate(names)}
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_accuracy_vs_sparsity(rows: Sequence[Row], model: str, path: str | Path) -> Path:
+    """Test accuracy (mean, error bar = std over seeds) against sparsity, one line per method.
+
+    Methods with no sparsity (the dense baseline) are drawn as a horizontal band.
+    """
+    rows = [r for r in rows if r.model == model]
+    names = list(dict.fromkeys(r.name for r in rows))
+    style = _style(names)
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot()
+    for name in names:
+        mine = sorted((r for r in rows if r.name == name), key=lambda r: r.sparsity)
+        color, marker = style[name]
+        if all(r.sparsity == 0.0 for r in mine):
+            r = mine[0]
+            ax.axhline(100 * r.acc_mean, color=color, linestyle="--", label=name)
+            if r.acc_std:
+                lo, hi = 100 * (r.acc_mean - r.acc_std), 100 * (r.acc_mean + r.acc_std)
+                ax.axhspan(lo, hi, color=color, alpha=0.12)
+            continue
+        ax.errorbar(
+            [100 * r.sparsity for r in mine],
+            [100 * r.acc_mean for r in mine],
+            yerr=[100 * r.acc_std for r in mine],
+            color=color,
+            marker=marker,
+            capsize=3,
+            label=name,
+        )
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{model}: test accuracy vs sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_train_flops(rows: Sequence[Row], path: str | Path) -> Path:
+    """Test accuracy against training FLOPs relative to dense, one panel per model."""
+    models = list(dict.fromkeys(r.model for r in rows))
+    style = _style(list(dict.fromkeys(r.name for r in rows)))
+    fig = Figure(figsize=(6.0 * len(models), 4.8))
+    for i, model in enumerate(models, 1):
+        ax = fig.add_subplot(1, len(models), i)
+        mine = [r for r in rows if r.model == model]
+        for name in dict.fromkeys(r.name for r in mine):
+            group = [r for r in mine if r.name == name]
+            color, marker = style[name]
+            ax.scatter(
+                [r.train_flops_rel for r in group],
+                [100 * r.acc_mean for r in group],
+                color=color,
+                marker=marker,
+                label=name,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs / dense run")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{model}: accuracy vs training FLOPs")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return _save(fig, path)

@@ -1,0 +1,68 @@
+"""``OUT/summary.md`` and the figures of a comparison, from its ``results.jsonl``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sparsetrain.compare.aggregate import (
+    accuracy_table,
+    aggregate,
+    ast_table,
+    detail_table,
+)
+from sparsetrain.compare.plots import plot_accuracy_vs_sparsity, plot_accuracy_vs_train_flops
+from sparsetrain.compare.runner import ACDC_TWIN
+
+__all__ = ["AST_COUNTERPARTS", "name_order", "render_summary", "write_summary"]
+
+# Separately trained runs AST's sub-networks are set beside (those the grid has).
+AST_COUNTERPARTS = ("static_uniform", "static_erk", "gmp", "rigl")
+
+
+def name_order(variants: Sequence[str]) -> list[str]:
+    """Table order: the grid's variants, AC/DC's twin right after AC/DC."""
+    order = []
+    for name in variants:
+        order.append(name)
+        if name == "acdc":
+            order.append(ACDC_TWIN)
+    return order
+
+
+def render_summary(
+    records: Sequence[dict[str, Any]], order: Sequence[str] = (), figures: Sequence[Path] = ()
+) -> str:
+    """Markdown: per model the accuracy table, the detail table and AST beside its counterparts."""
+    rows = aggregate(records, order)
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model]
+        lines += [f"## {model}", "", "Test accuracy (%), mean ± std over seeds:", ""]
+        lines += [accuracy_table(rows, model), "", "All measures (means over seeds):", ""]
+        lines += [detail_table(rows, model), ""]
+        if any(r.name == "ast" for r in mine):
+            present = [c for c in AST_COUNTERPARTS if any(r.name == c for r in mine)]
+            lines += ["AST sub-networks (one run) beside separately trained runs:", ""]
+            lines += [ast_table(rows, model, counterparts=present), ""]
+    lines += [f"![{f.stem}]({f.name})" for f in figures]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_summary(
+    records: Sequence[dict[str, Any]], out: str | Path, variants: Sequence[str] = ()
+) -> list[Path]:
+    """Write ``summary.md`` and the figures into ``out``; the paths written."""
+    out = Path(out)
+    order = name_order(variants)
+    rows = aggregate(records, order)
+    models = list(dict.fromkeys(r.model for r in rows))
+    figures = [
+        plot_accuracy_vs_sparsity(rows, m, out / f"compare_accuracy_{m}.png") for m in models
+    ]
+    if rows:
+        figures.append(plot_accuracy_vs_train_flops(rows, out / "compare_train_flops.png"))
+    summary = out / "summary.md"
+    summary.write_text(render_summary(records, order, figures))
+    return [summary, *figures]
