@@ -279,3 +279,37 @@ def test_cli_compare_quick_runs_and_resumes(tmp_path, capsys):
     assert (out / "compare_accuracy_mlp.png").stat().st_size > 0
     assert main(["-q", "compare", str(path), "--quick", "--out", str(out)]) == 0
     assert "0 cells run, 2 already done" in capsys.readouterr().out
+
+
+def test_train_subset_keeps_the_same_training_examples():
+    from sparsetrain.data import load_dataset
+
+    options = {"num_samples": 64, "image_size": 8}
+    first, _ = load_dataset("synthetic", "train", train_subset=20, **options)
+    again, _ = load_dataset("synthetic", "train", train_subset=20, **options)
+    test, _ = load_dataset("synthetic", "test", train_subset=20, **options)
+    whole_test, _ = load_dataset("synthetic", "test", **options)
+    assert len(first) == 20
+    assert all((a == b).all() for a, b in zip(first.tensors, again.tensors, strict=True))
+    assert len(test) == len(whole_test)
+    with pytest.raises(ConfigError, match="train_subset"):
+        load_dataset("synthetic", "train", train_subset=0, **options)
+
+
+def test_dense_gradient_steps_are_charged_in_training_flops():
+    import torch
+
+    from sparsetrain.report.summary import build_report
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
+    masks = {"0.weight": torch.arange(32).reshape(4, 8) % 4 == 0}  # 25% dense
+    density = {"0.weight": 0.25 * 10}
+    kw = {"density_sum": density, "steps": 10, "batch_size": 2}
+    plain = build_report(model, masks, example_input=torch.zeros(1, 8), **kw)
+    grown = build_report(
+        model, masks, example_input=torch.zeros(1, 8), dense_gradient_steps=3, **kw
+    )
+    assert plain.flops.dense == 64 and plain.flops.sparse == 16
+    assert plain.training_flops == 3 * 16 * 10 * 2
+    assert grown.training_flops - plain.training_flops == 3 * (64 - 16) * 2
+    assert grown.training_flops_dense == plain.training_flops_dense
