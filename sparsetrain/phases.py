@@ -3,7 +3,8 @@
 Phase machines (AC/DC's compressed/decompressed alternation, GaP's partition cycle) act only where
 a phase begins. Lengths may come in epochs, steps or fractions of training; they are summed as
 floats and only the *boundaries* are rounded, so scaled layouts do not drift by a rounding error
-per phase (ten phases of 4.5 steps end at step 45, not 40 or 50).
+per phase (ten phases of 4.5 steps end at step 45, not 40 or 50). :func:`acdc_phases` lays out
+AC/DC's alternation, with the paper's reference layouts as presets.
 """
 
 from __future__ import annotations
@@ -178,8 +179,8 @@ class Phases:
             line = f"{phase.kind:<17} steps {phase.start_step:>7}-{phase.end_step:<7}"
             if steps_per_epoch:
                 line += (
-                    f" epochs {phase.start_step / steps_per_epoch:g}-"
-                    f"{phase.end_step / steps_per_epoch:g}"
+                    f" epochs {phase.start_step / steps_per_epoch:.2f}-"
+                    f"{phase.end_step / steps_per_epoch:.2f}"
                 )
             lines.append(line.rstrip())
         return "\n".join(lines)

@@ -17,6 +17,7 @@ TINY = [
     "data.options.num_samples=512",
     "model.name=mlp",
     "model.width=0.5",
+    "sparsity.method=static",
     "sparsity.sparsity=0.5",
     "optimizer.lr=0.2",
     "train.epochs=1",

@@ -21,7 +21,7 @@ def test_defaults_are_the_default_job():
     assert config == Config()
     assert (config.model.name, config.data.name) == ("small_cnn", "fashion_mnist")
     assert (config.train.batch_size, config.train.device) == (128, "cpu")
-    assert (config.sparsity.method, config.sparsity.sparsity) == ("static", 0.9)
+    assert (config.sparsity.method, config.sparsity.sparsity) == ("acdc", 0.9)
     assert config.optimizer.name == "sgd" and config.lr_schedule.name == "cosine"
 
 
@@ -132,7 +132,7 @@ def test_bad_sparsity(value):
         ("model.name=small_cn", "did you mean 'small_cnn'"),
         ("data.name=fashion", "data.name"),
         ("sparsity.distribution=erdos", "sparsity.distribution"),
-        ("sparsity.options.sparse_int=true", "sparsity.options.sparse_int.*sparse_init"),
+        ("sparsity.options.presett=cifar", "sparsity.options.presett.*'preset'"),
         ("data.options.size=3", "size"),
         ("train.epochs=0", "train.epochs"),
         ("train.batch_size=-1", "train.batch_size"),
@@ -151,8 +151,8 @@ def test_bad_values_name_the_key(override, match):
 def test_resolve_fills_defaults_it_left_open():
     config = resolve(load_config(None, ["train.seed=7", "train.name=demo"]))
     assert config.sparsity.seed == 7
-    assert config.sparsity.distribution == "uniform"  # static's default
-    assert Path(config.train.out) == Path("runs/static-small_cnn-demo")
+    assert config.sparsity.distribution == "global"  # acdc's default
+    assert Path(config.train.out) == Path("runs/acdc-small_cnn-demo")
     explicit = resolve(load_config(None, ["sparsity.seed=3", "train.out=elsewhere"]))
     assert explicit.sparsity.seed == 3 and explicit.train.out == "elsewhere"
 

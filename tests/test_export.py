@@ -31,6 +31,7 @@ TINY_RUN = [  # one quick epoch on a small synthetic set, to get a real checkpoi
     "data.options.num_samples=256",
     "model.name=mlp",
     "model.width=0.5",
+    "sparsity.method=static",
     "sparsity.sparsity=0.8",
     "train.epochs=1",
     "train.batch_size=64",

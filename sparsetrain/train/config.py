@@ -89,7 +89,7 @@ class LRScheduleConfig:
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    method: str = "static"  # a name from sparsetrain.list_methods()
+    method: str = "acdc"  # a name from sparsetrain.list_methods()
     sparsity: float | list[float] = 0.9  # fraction of zeros in [0, 1); a list for AST
     distribution: str | None = None  # uniform, erk or global; None: the method's default
     dense: list[str] = field(default_factory=list)  # parameter-name globs kept dense
