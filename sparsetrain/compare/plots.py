@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -18,8 +19,10 @@ __all__ = ["plot_accuracy_vs_sparsity", "plot_accuracy_vs_train_flops"]
 _MARKERS = "osD^v<>pPX*hH"
 
 
-def _style(names: Sequence[str]) -> dict[str, tuple[str, str]]:
-    return {n: (f"C{i % 10}", _MARKERS[i % len(_MARKERS)]) for i, n in enumerate(names)}
+def _style(names: Sequence[str]) -> dict[str, tuple[tuple[float, ...], str]]:
+    """A colour (20 distinct ones) and a marker per method, the same in every figure."""
+    colors = colormaps["tab20"].colors
+    return {n: (colors[i % len(colors)], _MARKERS[i % len(_MARKERS)]) for i, n in enumerate(names)}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -63,7 +66,7 @@ def plot_accuracy_vs_sparsity(rows: Sequence[Row], model: str, path: str | Path)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{model}: test accuracy vs sparsity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -71,7 +74,7 @@ def plot_accuracy_vs_train_flops(rows: Sequence[Row], path: str | Path) -> Path:
     """Test accuracy against training FLOPs relative to dense, one panel per model."""
     models = list(dict.fromkeys(r.model for r in rows))
     style = _style(list(dict.fromkeys(r.name for r in rows)))
-    fig = Figure(figsize=(6.0 * len(models), 4.8))
+    fig = Figure(figsize=(5.5 * len(models) + 1.5, 4.8))
     for i, model in enumerate(models, 1):
         ax = fig.add_subplot(1, len(models), i)
         mine = [r for r in rows if r.model == model]
@@ -90,5 +93,5 @@ def plot_accuracy_vs_train_flops(rows: Sequence[Row], path: str | Path) -> Path:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{model}: accuracy vs training FLOPs")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
