@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from sparsetrain.errors import CheckpointError, SparsetrainError
+from sparsetrain.train.signals import TrainingInterrupted
 
 __all__ = ["main"]
 
@@ -81,12 +83,32 @@ def _build_model(checkpoint: dict, config, path: str):  # noqa: ANN001, ANN202
     return model
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints results."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sparsetrain.train.config import load_config
     from sparsetrain.train.loop import train
+    from sparsetrain.train.resume import find_resume
 
-    config = _with_dirs(load_config(args.config, args.overrides), args.data_dir, args.out)
-    result = train(config)
+    if args.resume is None:
+        config = _with_dirs(load_config(args.config, args.overrides), args.data_dir, args.out)
+        result = train(config)
+    else:
+        if args.out is not None:
+            raise SparsetrainError(
+                "--out cannot be combined with --resume: a run resumes in its own directory"
+            )
+        point = find_resume(args.resume)
+        if args.config is None:  # the checkpoint's own config, with --set on top
+            config = point.config(args.overrides)
+        else:
+            config = load_config(args.config, args.overrides)
+        result = train(_with_dirs(config, args.data_dir), resume=point)
+    if _rank() != 0:
+        return 0
     print(f"final test accuracy: {result.test_acc:.2%} (test loss {result.test_loss:.4f})")
     for key, value in result.extras.items():
         print(f"{key}: {value}")
@@ -239,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="dataset directory (sets data.dir)")
     p.add_argument("--out", help="run directory (sets train.out)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR_OR_CKPT",
+        help="continue an interrupted run from its newest checkpoint (or the checkpoint given); "
+        "a config or --set may change only how it runs (train.device, train.save_every, ...)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="test accuracy of a checkpoint")
@@ -309,11 +337,16 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0, or 2 for a user error)."""
+    """Run the command line; returns the exit code (0; 2 for a user error; 128 + the signal
+    number when SIGTERM/SIGINT stopped training after saving a checkpoint)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args)
     try:
         return args.func(args)
+    except TrainingInterrupted as stopped:
+        if _rank() == 0:
+            print(f"sparsetrain: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except (SparsetrainError, yaml.YAMLError, FileNotFoundError, PermissionError) as error:
         message = _one_line(error)
     except KeyboardInterrupt:

@@ -8,7 +8,14 @@ The header's hash covers the payload, so a truncated or corrupted file is refuse
 is unpickled, and loading never returns a half-read state. The payload is read with
 ``weights_only=True``: it holds only tensors and plain Python values (the RNG states included).
 Files are written to a temporary file in the target directory, flushed, fsynced and then renamed
-over the target, so a crash mid-save leaves the previous file intact.
+over the target (and the directory fsynced), so a crash mid-save leaves the previous file intact.
+
+During training, :func:`save_rotating` writes ``<run dir>/checkpoints/step-<step>.pt`` and deletes
+the oldest beyond ``keep`` only once the new one is complete. A training checkpoint
+(:func:`state_checkpoint`) holds everything a resume needs: model, sparsifier (masks, targets,
+the method's schedules, counters and thresholds), optimizer, lr scheduler, epoch, step, the
+position inside the epoch with its partial metric sums, every RNG state, the sampler's state and
+the resolved config.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,29 +35,42 @@ import numpy as np
 import torch
 
 from sparsetrain.errors import CheckpointError
+from sparsetrain.train import distributed
 
 __all__ = [
+    "CHECKPOINT_DIR",
     "FORMAT",
     "VERSION",
     "capture_rng",
+    "checkpoint_step",
+    "list_checkpoints",
     "load_checkpoint",
     "restore_rng",
     "save_checkpoint",
+    "save_rotating",
     "state_checkpoint",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "sparsetrain-checkpoint"
 VERSION = 1
 _MAGIC = FORMAT.encode() + b" "
 _MAX_HEADER = 4096
+CHECKPOINT_DIR = "checkpoints"  # inside a run directory
+_STEP_NAME = re.compile(r"step-(\d+)\.pt")
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     """Atomically write ``checkpoint`` (a dict of tensors and plain values) to ``path``.
 
-    ``format`` and ``version`` are set here; everything else is the caller's.
+    ``format`` and ``version`` are set here; everything else is the caller's. Under
+    ``torch.distributed`` only rank 0 writes (the others return ``path``), so every rank may call
+    it with the same arguments.
     """
     path = Path(path)
+    if distributed.rank() != 0:
+        return path
     payload = {**checkpoint, "format": FORMAT, "version": VERSION}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -58,6 +80,7 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # not mkstemp's 0600: runs are shared
             f.write(_MAGIC + json.dumps(header).encode() + b"\n")
             f.write(data)
             f.flush()
@@ -68,6 +91,12 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -131,13 +160,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a rotating checkpoint's name (``step-00000123.pt`` -> 123), else None."""
+    match = _STEP_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's rotating checkpoints, oldest first (temporary files of a torn save excluded)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def save_rotating(run_dir: str | Path, checkpoint: dict[str, Any], step: int, keep: int) -> Path:
+    """Save ``<run_dir>/checkpoints/step-<step>.pt``; then delete all but the newest ``keep``.
+
+    Older checkpoints are deleted only after the new one is complete on disk, so a crash at any
+    moment leaves at least one loadable checkpoint once the first save finished.
+    """
+    if keep < 1:
+        raise CheckpointError(f"keep must be at least 1 checkpoint, got {keep}")
+    path = save_checkpoint(Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt", checkpoint)
+    if distributed.rank() == 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+            log.debug("removed old checkpoint %s", old)
+    return path
+
+
 def capture_rng(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Every RNG state a run draws from, as tensors and plain values (safe to load)."""
+    """Every RNG state a run draws from, as tensors and plain values (safe to load).
+
+    On CUDA only the current device's generator is saved: each process drives one GPU.
+    """
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if cuda else [],
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "python": [version, list(internal), gauss],
         "loader": None if loader_generator is None else loader_generator.get_state(),
@@ -148,7 +212,7 @@ def restore_rng(state: dict[str, Any], loader_generator: torch.Generator | None 
     """Inverse of :func:`capture_rng`."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
@@ -161,7 +225,12 @@ def state_checkpoint(state: Any, config: Any, data: Any, metrics: dict[str, Any]
     """The checkpoint dict of a training state (``TrainState``, ``Config``, ``Data`` of the loop).
 
     ``save_checkpoint`` adds ``format`` and ``version``; ``metrics`` is the last epoch's record.
+    ``progress`` says how far into epoch ``epoch`` (completed epochs) training is, with the sums
+    behind that epoch's train loss and accuracy; ``sampler`` fixes the data order (see
+    :mod:`sparsetrain.train.sampler`).
     """
+    progress = getattr(state, "progress", None)
+    sampler = getattr(data, "sampler", None)
     return {
         "model": state.model.state_dict(),
         "sparsifier": state.sparsifier.state_dict(),
@@ -169,6 +238,11 @@ def state_checkpoint(state: Any, config: Any, data: Any, metrics: dict[str, Any]
         "scheduler": state.scheduler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
+        "elapsed": state.elapsed,
+        "progress": None if progress is None else progress.state_dict(),
+        "sampler": None
+        if sampler is None
+        else {"seed": sampler.seed, "epoch": sampler.epoch, "world_size": sampler.world_size},
         "config": config.to_dict(),
         "rng": capture_rng(data.generator),
         "metrics": metrics,

@@ -67,6 +67,10 @@ class TrainConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N
     num_workers: int = 0  # DataLoader workers; the data is in memory, so 0 is usually fastest
     log_every: int = 100  # steps between loss log lines; 0 disables them
+    save_every: int = 0  # optimizer steps between checkpoints; 0: at the end of every epoch
+    keep: int = 2  # checkpoints kept in <out>/checkpoints (an old one goes once a new one is whole)
+    skip_nonfinite: bool = False  # skip the update of a batch whose loss is inf/nan, not stop
+    check_masks_every: int = 0  # torchrun: steps between cross-rank mask hash checks; 0: at the end
 
 
 @dataclass(frozen=True)
@@ -237,8 +241,9 @@ def _validate(config: Config) -> None:
     _positive("model.width", config.model.width)
     for key in ("epochs", "batch_size", "eval_every"):
         _positive(f"train.{key}", getattr(t, key))
-    for key in ("num_workers", "log_every"):
+    for key in ("num_workers", "log_every", "save_every", "check_masks_every"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    _positive("train.keep", t.keep)
     if t.device != "cpu" and t.device != "cuda" and not t.device.startswith("cuda:"):
         raise ConfigError(f"train.device must be cpu, cuda or cuda:N, got {t.device!r}")
 

@@ -6,21 +6,30 @@ user's own loop), trains and evaluates epoch by epoch, then writes the run direc
 
     config.yaml     the resolved config (every default filled in)
     metrics.jsonl   one JSON record per epoch: epoch, step, train/test loss and accuracy, lr, ...
+    checkpoints/    step-<step>.pt: the newest train.keep checkpoints, to resume from
     final.pt        checkpoint (see sparsetrain.train.checkpoint)
     report.txt/json per-layer sparsity, inference and training FLOPs
     curves.png, layer_sparsity.png
 
 Methods that produce more than one model hook in after the main training through
 ``after_training`` (see :class:`TrainContext`).
+
+``train(config, resume=run_dir)`` continues an interrupted run bit for bit (see
+:mod:`sparsetrain.train.resume`); SIGTERM/SIGINT save a checkpoint and stop (see
+:mod:`sparsetrain.train.guard`). Under ``torchrun`` each process runs ``train``: the model trains
+in DDP on its share of every batch, and rank 0 writes the run directory (see
+:mod:`sparsetrain.train.distributed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,16 +44,28 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import sparsetrain as st
 from sparsetrain.data import DatasetInfo, dataset_info, load_dataset
-from sparsetrain.errors import SparsetrainError
+from sparsetrain.errors import ConfigError, SparsetrainError
 from sparsetrain.models import build_model
 from sparsetrain.report import plot_layer_sparsity, plot_training_curves
 from sparsetrain.report.summary import Report
+from sparsetrain.train import distributed
 from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
 from sparsetrain.train.config import Config, resolve, save_config
+from sparsetrain.train.guard import NonFiniteLoss, StepGuard
 from sparsetrain.train.optim import build_optimizer, build_scheduler
+from sparsetrain.train.resume import (
+    ResumePoint,
+    check_same_run,
+    find_resume,
+    restore_run,
+    trim_metrics,
+)
+from sparsetrain.train.sampler import EpochBatchSampler, epoch_generator
+from sparsetrain.train.signals import StopSignals
 
 __all__ = [
     "Data",
+    "EpochProgress",
     "RunResult",
     "TrainContext",
     "TrainState",
@@ -65,12 +86,67 @@ log = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 1000
 
 
+StepHook = Callable[["TrainState"], None]
+
+
 @dataclass
 class Data:
     train: DataLoader
     test: DataLoader
     info: DatasetInfo
-    generator: torch.Generator  # the shuffling order; checkpoints save its state
+    generator: torch.Generator  # the train loader's (worker seeds); reseeded every epoch
+    sampler: EpochBatchSampler | None = None  # the train order: a function of (seed, epoch)
+
+    def start_epoch(self, epoch: int, batch: int = 0) -> None:
+        """Set the train loader to epoch ``epoch``'s order, from its batch ``batch`` on."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, batch)
+            self.generator.manual_seed(
+                epoch_generator(self.sampler.seed, epoch, "loader").initial_seed()
+            )
+
+
+@dataclass
+class EpochProgress:
+    """How far the current epoch has got, and the sums behind its train loss and accuracy.
+
+    The sums stay on the training device (no synchronization per step) and go into checkpoints,
+    so a run resumed mid-epoch reports the same epoch metrics as one never interrupted.
+    """
+
+    batch: int = 0  # batches of the epoch consumed
+    loss_sum: torch.Tensor | None = None  # sum over examples of the loss
+    correct: torch.Tensor | None = None
+    seen: int = 0  # examples in the sums (this process's)
+    skipped: int = 0  # batches whose non-finite loss skipped the update (train.skip_nonfinite)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if self.loss_sum is None or self.correct is None:
+            self.loss_sum = torch.zeros((), device=loss.device)
+            self.correct = torch.zeros((), dtype=torch.long, device=loss.device)
+        self.loss_sum += loss.detach() * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        self.seen += len(y)
+
+    def finish(self, device: torch.device) -> tuple[float, float]:
+        """Mean loss and accuracy of the epoch over every process; starts the next epoch."""
+        totals = torch.tensor([0.0, 0.0, float(self.seen)], dtype=torch.float64, device=device)
+        if self.loss_sum is not None and self.correct is not None:
+            totals[0], totals[1] = self.loss_sum, self.correct
+        loss_sum, correct, seen = distributed.all_sum(totals).tolist()
+        vars(self).update(vars(EpochProgress()))
+        return loss_sum / max(1.0, seen), correct / max(1.0, seen)
+
+    def to(self, device: torch.device) -> None:
+        if self.loss_sum is not None and self.correct is not None:
+            self.loss_sum, self.correct = self.loss_sum.to(device), self.correct.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # tensors copied
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
 
 
 @dataclass
@@ -84,6 +160,8 @@ class TrainState:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
     elapsed: float = 0.0  # seconds spent in run_epochs
+    progress: EpochProgress = field(default_factory=EpochProgress)  # inside epoch ``epoch + 1``
+    forward: nn.Module | None = None  # what the loop calls: the model, or DDP around it
 
 
 @dataclass
@@ -109,29 +187,54 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 
 def make_loader(
-    dataset, batch_size: int, generator: torch.Generator | None, workers: int
+    dataset,
+    batch_size: int,
+    generator: torch.Generator | None,
+    workers: int,
+    sampler: Iterable[list[int]] | None = None,
 ) -> DataLoader:
-    """Batches indexed in one go (``dataset[list]``): far faster than per-sample collation."""
-    if generator is None:
+    """Batches indexed in one go (``dataset[list]``): far faster than per-sample collation.
+
+    ``sampler`` yields the batches (lists of indices); without one, ``generator`` None gives them
+    in order (evaluation) and a generator shuffles. The loader always draws from a generator of
+    its own, never from the global RNG, so evaluating does not change the training's randomness.
+    """
+    if sampler is not None:
+        batches = sampler
+    elif generator is None:
         batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
     else:  # training drops the last partial batch so every step sees batch_size examples
         drop = len(dataset) > batch_size
         batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop)
     return DataLoader(
-        dataset, sampler=batches, batch_size=None, num_workers=workers, generator=generator
+        dataset,
+        sampler=batches,
+        batch_size=None,
+        num_workers=workers,
+        generator=torch.Generator() if generator is None else generator,
     )
 
 
-def build_data(config: Config) -> Data:
+def build_data(config: Config, world: distributed.World | None = None) -> Data:
+    """Train and test loaders; under ``torchrun`` (``world``) each process loads its share of
+    every global batch of ``train.batch_size`` (see :mod:`sparsetrain.train.sampler`)."""
     d, t = config.data, config.train
     train_set, info = load_dataset(d.name, "train", d.dir, **d.options)
     test_set, _ = load_dataset(d.name, "test", d.dir, **d.options)
+    sampler = EpochBatchSampler(
+        len(train_set),
+        t.batch_size,
+        seed=t.seed,
+        rank=world.rank if world else 0,
+        world_size=world.size if world else 1,
+    )
     generator = torch.Generator().manual_seed(t.seed)
     return Data(
-        train=make_loader(train_set, t.batch_size, generator, t.num_workers),
+        train=make_loader(train_set, t.batch_size, generator, t.num_workers, sampler),
         test=make_loader(test_set, EVAL_BATCH_SIZE, None, t.num_workers),
         info=info,
         generator=generator,
+        sampler=sampler,
     )
 
 
@@ -178,37 +281,71 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def train_epoch(state: TrainState, loader: DataLoader, log_every: int = 0) -> tuple[float, float]:
-    """One pass over ``loader``; returns mean train loss and accuracy."""
-    model, device = state.model, _device_of(state.model)
+def _forward_model(state: TrainState) -> nn.Module:
+    """The module the loop calls: under ``torchrun``, DDP around ``state.model`` (made once)."""
+    if state.forward is None:
+        state.forward = distributed.wrap_model(state.model)
+    return state.forward
+
+
+def train_epoch(
+    state: TrainState,
+    loader: Iterable,
+    log_every: int = 0,
+    on_step: StepHook | None = None,
+    skip_nonfinite: bool = False,
+) -> tuple[float, float]:
+    """One pass over ``loader`` (the rest of the epoch after a mid-epoch resume); returns the
+    epoch's mean train loss and accuracy over every process.
+
+    ``on_step(state)`` runs at every step boundary (checkpoints, signals). With
+    ``skip_nonfinite`` a batch whose loss is inf or nan (on any process) updates nothing.
+    """
+    model, device = _forward_model(state), _device_of(state.model)
     model.train()
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    progress = state.progress
+    progress.to(device)  # sums saved in a checkpoint come back on the CPU
     quiet = bool(os.environ.get("CI")) or None  # None: tqdm shows a bar only on a terminal
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False, disable=quiet)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {state.epoch + 1}",
+        leave=False,
+        disable=True if distributed.rank() else quiet,
+        initial=progress.batch,
+    )
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        state.optimizer.step()  # the sparsifier's hooks mask gradients, weights, optimizer state
-        state.scheduler.step()
-        state.step += 1
-        total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        if log_every and state.step % log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.debug("step %d  loss %.4f", state.step, loss.item())
-    mean_loss = total_loss.item() / max(1, seen)
+        progress.batch += 1
+        if skip_nonfinite and distributed.any_rank(not bool(torch.isfinite(loss))):
+            state.optimizer.zero_grad(set_to_none=True)
+            progress.skipped += 1
+            log.warning(
+                "batch %d of epoch %d: non-finite loss, update skipped (%d so far this epoch)",
+                *(progress.batch, state.epoch + 1, progress.skipped),
+            )
+        else:
+            state.optimizer.step()  # the sparsifier's hooks mask grads, weights, optimizer state
+            state.scheduler.step()
+            state.step += 1
+            progress.add(loss, logits, y)
+            if log_every and state.step % log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                log.debug("step %d  loss %.4f", state.step, loss.item())
+        if on_step is not None:
+            on_step(state)
+    epoch = state.epoch + 1
+    mean_loss, accuracy = progress.finish(device)
+    distributed.sync_buffers(state.model)  # every rank evaluates and saves the same statistics
     if not np.isfinite(mean_loss):
-        raise SparsetrainError(
-            f"training diverged in epoch {state.epoch + 1}: mean loss is {mean_loss}; "
+        raise NonFiniteLoss(
+            f"training diverged in epoch {epoch}: mean loss is {mean_loss}; "
             "lower optimizer.lr or add lr_schedule.warmup_epochs"
         )
-    return mean_loss, correct.item() / max(1, seen)
+    return mean_loss, accuracy
 
 
 @torch.no_grad()
@@ -243,17 +380,25 @@ def run_epochs(
     log_every: int = 0,
     metrics_path: Path | None = None,
     phase: str | None = None,
+    on_step: StepHook | None = None,
+    on_epoch: Callable[[TrainState, dict[str, Any]], None] | None = None,
+    skip_nonfinite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``epochs`` more epochs from ``state``, evaluating every ``eval_every`` and at the end.
 
     Each epoch's record is returned and, with ``metrics_path``, appended to it as a JSON line;
-    ``phase`` (e.g. "dense_finetune") tags records of extra training after the main run.
+    ``phase`` (e.g. "dense_finetune") tags records of extra training after the main run. An epoch
+    that ``state`` is in the middle of counts as one and is finished. ``on_step(state)`` runs
+    after every batch, ``on_epoch(state, record)`` after every record.
     """
     records = []
     last = state.epoch + epochs
     for _ in range(epochs):
         start = time.perf_counter()
-        train_loss, train_acc = train_epoch(state, data.train, log_every)
+        data.start_epoch(state.epoch, state.progress.batch)
+        train_loss, train_acc = train_epoch(
+            state, data.train, log_every, on_step=on_step, skip_nonfinite=skip_nonfinite
+        )
         state.epoch += 1
         test_loss = test_acc = None
         if state.epoch % eval_every == 0 or state.epoch == last:
@@ -280,6 +425,8 @@ def run_epochs(
             *(state.epoch, last, train_loss, 100 * train_acc, tested),
             *(100 * record["sparsity"], state.elapsed),
         )
+        if on_epoch is not None:
+            on_epoch(state, record)
     return records
 
 
@@ -300,7 +447,8 @@ class TrainContext:
     data: Data
     state: TrainState
     run_dir: Path
-    metrics_path: Path
+    metrics_path: Path | None  # None on ranks other than 0, which write no files
+    on_step: StepHook | None = None  # stops extra training on SIGTERM/SIGINT
 
     def run_epochs(self, state: TrainState, epochs: int, phase: str) -> list[dict[str, Any]]:
         t = self.config.train
@@ -312,65 +460,120 @@ class TrainContext:
             log_every=t.log_every,
             metrics_path=self.metrics_path,
             phase=phase,
+            on_step=self.on_step,
+            skip_nonfinite=t.skip_nonfinite,
         )
 
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         return evaluate(model, self.data.test)
 
 
-def train(config: Config) -> RunResult:
-    """Train ``config`` from scratch and write its run directory; see the module docstring."""
+def _with_out(config: Config, out: str | Path) -> Config:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, out=str(out)))
+
+
+def train(
+    config: Config | None = None, *, resume: str | Path | ResumePoint | None = None
+) -> RunResult:
+    """Train ``config`` and write its run directory; see the module docstring.
+
+    ``resume`` (a run directory, a checkpoint file or a :class:`ResumePoint`) continues that run
+    in its own directory, ending bit for bit where an uninterrupted run would; ``config`` (None:
+    the checkpoint's own) may differ from the checkpoint's only in ``RESUMABLE_KEYS`` of
+    :mod:`sparsetrain.train.resume`. Under ``torchrun`` every process calls this.
+    """
+    point = None
+    if resume is not None:
+        point = resume if isinstance(resume, ResumePoint) else find_resume(resume)
+        config = _with_out(point.config() if config is None else config, point.run_dir)
+    elif config is None:
+        raise ConfigError("train() needs a config, or a run to resume")
     config = resolve(config)
     if config.sparsity.method == "gap" and config.sparsity.options.get("parallel"):
+        if point is not None:
+            raise ConfigError("P-GaP runs cannot be resumed; start them again")
         from sparsetrain.pgap import run_pgap  # P-GaP trains one model copy per group
 
         return run_pgap(config)
-    device = torch.device(config.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if point is not None:
+        check_same_run(point.config(), config, point.path)
+    if config.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise SparsetrainError(f"train.device is {config.train.device} but CUDA is not available")
+    return _train(config, point, distributed.init_distributed(config.train.device))
+
+
+def _train(config: Config, point: ResumePoint | None, world: distributed.World | None) -> RunResult:
+    main = world is None or world.main
+    if world is not None:  # the run directory's name may hold a timestamp: take rank 0's
+        config = _with_out(config, distributed.broadcast_object(config.train.out))
+        if not main:
+            logging.getLogger("sparsetrain").setLevel(logging.WARNING)
+    device = world.device if world else torch.device(config.train.device)
     seed_everything(config.train.seed, device)
-    data = build_data(config)
+    data = build_data(config, world)
     state = build_state(config, data, device)
     sp = state.sparsifier
 
-    run_dir = Path(config.train.out)  # created only once the run is known to start
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    run_dir = Path(config.train.out)
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
+    metrics: list[dict[str, Any]] = []
+    if point is not None:
+        restore_run(state, data, point)
+        metrics = trim_metrics(metrics_path, state.epoch, write=main)
+    if main:  # created only once the run is known to start
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        if point is None:
+            metrics_path.write_text("")
     log.info("run directory %s", run_dir)
     log.info(
-        "%s: %d sparse tensors, sparsity %.2f%%, %d steps per epoch",
+        "%s: %d sparse tensors, sparsity %.2f%%, %d steps per epoch%s",
         sp.method.name,
         *(len(sp.params), 100 * sp.sparsity, len(data.train)),
+        f", {world.size} processes" if world else "",
     )
 
     t = config.train
     consoles = [lg for lg in (logging.root, logging.getLogger("sparsetrain")) if lg.handlers]
-    with logging_redirect_tqdm(consoles):  # log lines print above the progress bar
-        metrics = run_epochs(
-            state,
-            data,
-            t.epochs,
-            eval_every=t.eval_every,
-            log_every=t.log_every,
-            metrics_path=metrics_path,
-        )
+    with StopSignals() as signals, logging_redirect_tqdm(consoles):  # logs print above the bar
+        guard = StepGuard(config, data, run_dir, signals)
+        try:
+            metrics += run_epochs(
+                state,
+                data,
+                t.epochs - state.epoch,
+                eval_every=t.eval_every,
+                log_every=t.log_every,
+                metrics_path=metrics_path if main else None,
+                on_step=guard.step,
+                on_epoch=guard.epoch,
+                skip_nonfinite=t.skip_nonfinite,
+            )
+        except NonFiniteLoss:
+            raise guard.non_finite(state) from None
+        guard.finish(state, metrics[-1])
         hook = getattr(sp.method, "after_training", None)
-        ctx = TrainContext(config, data, state, run_dir, metrics_path)
+        ctx = TrainContext(
+            config, data, state, run_dir, metrics_path if main else None, guard.after_training_step
+        )
         extras = dict(hook(ctx) or {}) if hook is not None else {}
+    state.forward = None  # the DDP wrapper is the loop's, not the result's
+    if world is not None:
+        sp.batch_size = t.batch_size  # FLOPs count the global batch, not this process's share
     if extras:
         log.info("after training: %s", extras)
 
     last = {**metrics[-1], **extras}
     checkpoint = save_checkpoint(run_dir / "final.pt", state_checkpoint(state, config, data, last))
     report = sp.report()
-    (run_dir / "report.txt").write_text(report.format() + "\n")
-    summary = {"metrics": last, "extras": extras, **report.to_dict()}
-    (run_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plots = [plot_training_curves(metrics, run_dir / "curves.png")]  # main run, no extra phases
-    if report.sparsity.rows:
-        plots.append(plot_layer_sparsity(report.sparsity, run_dir / "layer_sparsity.png"))
+    plots: list[Path] = []
+    if main:
+        (run_dir / "report.txt").write_text(report.format() + "\n")
+        summary = {"metrics": last, "extras": extras, **report.to_dict()}
+        (run_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plots.append(plot_training_curves(metrics, run_dir / "curves.png"))  # main run only
+        if report.sparsity.rows:
+            plots.append(plot_layer_sparsity(report.sparsity, run_dir / "layer_sparsity.png"))
     return RunResult(
         run_dir=run_dir,
         config=config,
