@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsetrain import mask_ops
 from sparsetrain.errors import ConfigError
+from sparsetrain.kernels import KERNEL_MODES, use_kernels
 from sparsetrain.masks import Sparsifier
 from sparsetrain.methods import build_method
 from sparsetrain.select import select_parameters
@@ -44,6 +45,7 @@ def sparsify(
     dense_last: bool = False,
     seed: int = 0,
     erk_power: float = 1.0,
+    kernels: str = "dense",
     **options: Any,
 ) -> Sparsifier:
     """Make ``model`` sparse and keep it so through ``optimizer.step()``; the loop stays the user's.
@@ -60,12 +62,18 @@ def sparsify(
         include / exclude / dense_first / dense_last: layer selection (see
             :func:`sparsetrain.select.select_parameters`).
         seed: seeds every random mask choice together with the tensor name and step.
+        kernels: ``dense`` (masked dense layers), ``sparse`` (Linear layers train on CSR
+            kernels, faster from ~80-90% sparsity on large layers) or ``auto`` (each layer on
+            whichever it measures faster); the training mathematics is the same in all three
+            (see :mod:`sparsetrain.kernels`).
         **options: method-specific options; unknown names are errors.
 
     Returns:
         The :class:`Sparsifier`, with ``masks``, ``report()``, ``state_dict()``, ``export()``.
     """
     sparsity = _check_sparsity(method, sparsity)
+    if kernels not in KERNEL_MODES:
+        raise ConfigError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNEL_MODES)}")
     for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
         if value is not None and int(value) <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -84,4 +92,5 @@ def sparsify(
     sp = Sparsifier(model, params, optimizer)
     sp.method = policy
     policy.init_masks(sp)
+    use_kernels(sp, kernels)
     return sp

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from sparsetrain.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
+    from sparsetrain.kernels import KernelMode
     from sparsetrain.methods.base import Method
 
 __all__ = ["Sparsifier"]
@@ -61,6 +62,10 @@ class Sparsifier:
         self._density_sum = dict.fromkeys(self.params, 0.0)
         self._shadow: dict[str, torch.Tensor] | None = None
         self._handles: list[Any] = []
+        # Called with a parameter's name whenever its mask is replaced (sparse kernels rebuild
+        # their structures then, and only then).
+        self.mask_listeners: list[Callable[[str], None]] = []
+        self.kernels: KernelMode | None = None  # execution mode, see sparsetrain.kernels
         self.example_input: torch.Tensor | None = None
         self.batch_size: int | None = None
         self._capture = model.register_forward_pre_hook(self._capture_input)
@@ -119,6 +124,8 @@ class Sparsifier:
         self._masks[name] = new_float
         self._density[name] = float(new.sum()) / max(1, new.numel())
         self._refresh()
+        for listener in self.mask_listeners:
+            listener(name)
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """:meth:`set_mask` for several parameters."""
@@ -310,6 +317,9 @@ class Sparsifier:
                 self._density[name] = float(mask.sum()) / max(1, mask.numel())
                 param.mul_(self._masks[name])
         self._refresh()
+        for name in masks:
+            for listener in self.mask_listeners:
+                listener(name)
         self.step = int(state["step"])
         self.targets = dict(state["targets"])
         self._density_sum = dict(state.get("density_sum", dict.fromkeys(self.params, 0.0)))

@@ -85,6 +85,11 @@ class Method:
     def after_step(self, sp: Sparsifier, t: int) -> None:
         """Called after optimizer step ``t`` (1-based) with the weights already masked."""
 
+    def needs_dense_grad(self, t: int) -> bool:
+        """True when :meth:`before_step` of step ``t`` reads gradients outside the mask (sparse
+        kernels then compute that step's weight gradients densely)."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """Method state needed to resume exactly (schedules, thresholds, counters)."""
         return {}

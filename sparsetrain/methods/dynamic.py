@@ -88,6 +88,9 @@ class DynamicSparse(Method):
         if not self.uses_gradient and self.is_update_step(t):
             self.update_masks(sp, t)
 
+    def needs_dense_grad(self, t: int) -> bool:
+        return self.uses_gradient and self.is_update_step(t)
+
     def state_dict(self) -> dict[str, Any]:
         return {"dense_gradient_steps": self.dense_gradient_steps}
 

@@ -102,6 +102,7 @@ class SparsityConfig:
     dense_last: bool = False  # keep the last sparse parameter dense
     erk_power: float = 1.0
     seed: int | None = None  # mask seed; None: train.seed
+    kernels: str = "dense"  # dense, sparse or auto: Linear layers on CSR kernels
     options: dict[str, Any] = field(default_factory=dict)  # method options (sparsetrain methods)
 
 
@@ -225,6 +226,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def _validate(config: Config) -> None:
     from sparsetrain.data import dataset_info, list_datasets
     from sparsetrain.distributions import DISTRIBUTIONS
+    from sparsetrain.kernels import KERNEL_MODES
     from sparsetrain.methods import get_method, list_methods, method_options
     from sparsetrain.models import list_models
 
@@ -236,6 +238,7 @@ def _validate(config: Config) -> None:
     _choice("lr_schedule.name", config.lr_schedule.name, SCHEDULES)
     if config.sparsity.distribution is not None:
         _choice("sparsity.distribution", config.sparsity.distribution, DISTRIBUTIONS)
+    _choice("sparsity.kernels", config.sparsity.kernels, KERNEL_MODES)
 
     t = config.train
     _positive("model.width", config.model.width)

@@ -271,6 +271,7 @@ def build_state(config: Config, data: Data, device: torch.device) -> TrainState:
         dense_last=s.dense_last,
         seed=s.seed,
         erk_power=s.erk_power,
+        kernels=s.kernels,
         **s.options,
     )
     scheduler = build_scheduler(optimizer, config.lr_schedule, steps_per_epoch, total_steps)
