@@ -464,4 +464,9 @@ def test_training_yields_the_sparse_model_and_its_dense_twin(loop_run):
     records = [
         json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
-    assert [r["step"] for r in records if r.get("phase") == "dense_twin"] == [40]
+    # the twin finishes epoch 9 from its middle (batch 2 of 4), then runs epoch 10
+    twin_records = [r for r in records if r.get("phase") == "dense_twin"]
+    assert [(r["epoch"], r["step"], r["sparsity"]) for r in twin_records] == [
+        (9, 36, 0),
+        (10, 40, 0),
+    ]

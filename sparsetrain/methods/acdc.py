@@ -272,6 +272,8 @@ class ACDC(Method):
         final phase. It trains with every mask off (method ``dense``). Returns both models' test
         loss and accuracy.
         """
+        if self.twin is not None:  # already fine-tuned (a finished run resumed)
+            return dict(self.twin_metrics)
         if self.snapshot is None:
             if self.dense_twin:
                 log.warning("AC/DC: no dense snapshot (the final phase never began); no twin")
@@ -339,22 +341,26 @@ def _restart_state(state: dict[str, Any], param: torch.Tensor, done: bool) -> No
 def _finetune_twin(
     ctx: TrainContext, snapshot: dict[str, Any]
 ) -> tuple[nn.Module, tuple[float, float], Path]:
-    """Train the snapshot densely from its step to the end of the run; evaluate and save it."""
-    from itertools import islice
+    """Train the snapshot densely from its step to the end of the run; evaluate and save it.
 
+    The twin resumes the run at the snapshot's step, mid-epoch if need be, so it sees the very
+    batches and learning rates the sparse model saw in its final phase: the two differ only by
+    the masks.
+    """
     import sparsetrain as st
-    from sparsetrain.train.checkpoint import save_checkpoint
-    from sparsetrain.train.loop import TrainState, state_checkpoint, train_epoch
+    from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
+    from sparsetrain.train.loop import TrainState
     from sparsetrain.train.optim import build_optimizer, lr_factor
 
-    main, config, data = ctx.state, ctx.config, ctx.data
+    config, data = ctx.config, ctx.data
     step = int(snapshot["step"])
     steps_per_epoch = len(data.train)
     total = config.train.epochs * steps_per_epoch
-    model = main.sparsifier.baked_copy()
+    model = ctx.state.sparsifier.baked_copy()
     model.load_state_dict(snapshot["model"])
     optimizer = build_optimizer(model.parameters(), config.optimizer)
-    optimizer.load_state_dict(snapshot["optimizer"])
+    if snapshot["optimizer"] is not None:
+        optimizer.load_state_dict(snapshot["optimizer"])
     # last_epoch=step-1: construction steps once, so the first twin step uses the lr of `step`.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(config.lr_schedule, steps_per_epoch, total), last_epoch=step - 1
@@ -372,12 +378,10 @@ def _finetune_twin(
         dense_first=dense.dense_first,
         dense_last=dense.dense_last,
     )
-    state = TrainState(model, optimizer, scheduler, sp, epoch=step // steps_per_epoch, step=step)
-    head = -step % steps_per_epoch  # the final phase may begin mid-epoch: finish that epoch
-    if head:
-        train_epoch(state, islice(data.train, head), config.train.log_every)
-        state.epoch += 1
-    ctx.run_epochs(state, (total - state.step) // steps_per_epoch, phase="dense_twin")
+    epoch, batch = divmod(step, steps_per_epoch)
+    state = TrainState(model, optimizer, scheduler, sp, epoch=epoch, step=step)
+    state.progress.batch = batch  # run_epochs finishes a started epoch from this batch
+    ctx.run_epochs(state, config.train.epochs - epoch, phase="dense_twin")
     loss, acc = ctx.evaluate(model)
     twin_config = dataclasses.replace(config, sparsity=dense)
     metrics = {"test_loss": loss, "test_acc": acc, "branched_at_step": step}
