@@ -15,6 +15,7 @@ convolution (the small CNN's 32->64 3x3) dense vs im2col + CSR, forward and back
     python benchmarks/train_speed.py               # MLP-4096 and small CNN, 80-98%: a few minutes
     python benchmarks/train_speed.py --quick       # 90% and 98%, fewer rounds: under a minute
     python benchmarks/train_speed.py --threads 1   # pin intra-op threads (busy machine)
+    python benchmarks/train_speed.py --fused       # SGD(fused=True) in every variant
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def drop_grow(sp: st.Sparsifier, update: int) -> dict[str, torch.Tensor]:
     return masks
 
 
-def _variants(model_name: str, sparsity: float) -> dict[str, Variant]:
+def _variants(model_name: str, sparsity: float, fused: bool) -> dict[str, Variant]:
     torch.manual_seed(0)
     base = build_model(model_name, in_channels=1, num_classes=10, image_size=28)
     x = torch.randn(BATCH, 1, 28, 28)
@@ -114,7 +115,9 @@ def _variants(model_name: str, sparsity: float) -> dict[str, Variant]:
     out = {}
     for kernels in KERNELS:
         model = copy.deepcopy(base)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused or None
+        )
         sp = st.sparsify(model, opt, method="static", sparsity=sparsity, seed=0, kernels=kernels)
         out[kernels] = Variant(model, opt, sp, x, y)
     return out
@@ -131,9 +134,9 @@ def _median_ratio(base: list[float], other: list[float]) -> float:
     return statistics.median(b / o for b, o in zip(base, other, strict=True))
 
 
-def measure(model_name: str, sparsity: float, rounds: int, steps: int) -> dict:
+def measure(model_name: str, sparsity: float, rounds: int, steps: int, fused: bool) -> dict:
     """Step and update-step times of every kernel mode, interleaved round by round."""
-    variants = _variants(model_name, sparsity)
+    variants = _variants(model_name, sparsity, fused)
     for v in variants.values():  # warm-up; auto times its layers here, once per case
         v.step()
         v.step()
@@ -309,6 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 7, quick 3)")
     parser.add_argument("--steps", type=int, default=None, help="steps per block (4, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="SGD(fused=True) in every variant: the same update in one pass per tensor, without "
+        "the weight-decay temporary",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (2 if args.quick else 4)
 
     load_before, start = os.getloadavg(), time.perf_counter()
-    rows = [measure(m, s, rounds, steps) for m in args.models for s in sparsities]
+    rows = [measure(m, s, rounds, steps, args.fused) for m in args.models for s in sparsities]
     probes = [conv_probe(s, rounds) for s in (0.95, 0.98)]
     result = {
         "command": " ".join(["python", "benchmarks/train_speed.py", *(argv or sys.argv[1:])]),
@@ -327,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "sgd_fused": args.fused,
         "rounds": rounds,
         "steps_per_block": steps,
         "update_every": UPDATE_EVERY,

@@ -155,11 +155,16 @@ class Sparsifier:
                 )
 
     def mask_gradients(self) -> None:
-        """Multiply every existing gradient of a sparse weight by its mask."""
+        """Multiply every existing gradient of a sparse weight by its mask.
+
+        Gradients the sparse kernels report as already masked (``kernels.masked_grads()``: the
+        kernel wrote them for the current mask and nothing changed them since) are skipped.
+        """
+        premasked = self.kernels.masked_grads() if self.kernels is not None else set()
         grads, masks = [], []
         for name in self._enforced:
             grad = self.params[name].grad
-            if grad is not None:
+            if grad is not None and name not in premasked:
                 grads.append(grad)
                 masks.append(self._masks[name])
         if grads:

@@ -427,3 +427,64 @@ def test_layers_the_kernels_cannot_run_fall_back_to_the_dense_layer():
     assert torch.equal(model(x), copy.deepcopy(model)(x))
     assert set(sp.kernels.choices().values()) == {"dense"}
     assert sp.kernels.stats.rebuilds == 0
+
+
+def test_zero_grad_without_set_to_none_gives_the_gradient_once():
+    """``.grad`` kept and zeroed in place must not be the storage the next gradient is written
+    to (it would be added to itself)."""
+    torch.manual_seed(0)
+    models = [tiny_mlp(), None]
+    models[1] = copy.deepcopy(models[0])
+    grads = []
+    for model, kernels in zip(models, ("dense", "sparse"), strict=True):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        st.sparsify(model, opt, method="static", sparsity=0.8, seed=0, kernels=kernels)
+        for x, y in _mlp_batches(3):
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        grads.append(model[3].weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_kernel_gradients_skip_masking_only_when_untouched():
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.sparsify(model, opt, method="static", sparsity=0.8, kernels="sparse")
+    x, y = _mlp_batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    assert sp.kernels.masked_grads() == {"1.weight", "3.weight", "5.weight"}
+    F.cross_entropy(model(x), y).backward()  # accumulated in place: masked as usual
+    assert sp.kernels.masked_grads() == set()
+    opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    sp.set_mask("3.weight", ~sp.mask("3.weight"))  # mask replaced after the backward
+    assert "3.weight" not in sp.kernels.masked_grads()
+    sp.mask_gradients()
+    assert not model[3].weight.grad[~sp.mask("3.weight")].any()
+
+
+def test_a_weight_also_used_densely_is_still_masked():
+    """A weight shared by a kernel layer and a dense product: autograd sums both gradients,
+    and the sum (dense off the mask) is masked before the optimizer sees it."""
+    torch.manual_seed(0)
+    results = []
+    for kernels in ("dense", "sparse"):
+        torch.manual_seed(0)
+        model = tiny_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sp = st.sparsify(model, opt, method="static", sparsity=0.8, seed=0, kernels=kernels)
+        for x, y in _mlp_batches(3):
+            opt.zero_grad()
+            hidden = model[:4](x)
+            out = model[4:](hidden) + F.linear(hidden, model[3].weight[:, :32].t())[:, :4]
+            F.cross_entropy(out, y).backward()
+            if kernels == "sparse":
+                assert "3.weight" not in sp.kernels.masked_grads()
+                assert "1.weight" in sp.kernels.masked_grads()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

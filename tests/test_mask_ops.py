@@ -142,3 +142,62 @@ def test_nm_mask_conv_groups_run_along_input_channels():
 def test_nm_mask_rejects_bad_layouts(shape, n, m):
     with pytest.raises(ConfigError):
         mask_ops.nm_mask(torch.ones(shape), n, m)
+
+
+def _reference_topk(score, k):
+    """Brute force: a stable sort of the negated scores puts ties in index order."""
+    flat = score.reshape(-1)
+    out = torch.zeros(flat.numel(), dtype=torch.bool)
+    out[torch.sort(-flat, stable=True).indices[:k]] = True
+    return out.view_as(score)
+
+
+def _large_scores():
+    """Scores big enough for the sampled top-k path (> 4 * 2**16 elements): random, heavily
+    tied, and a pattern whose strided sample sees only one value (the fallback)."""
+    g = torch.Generator().manual_seed(3)
+    tied = torch.randint(0, 7, (700, 600), generator=g).float()
+    striped = torch.zeros(700 * 600)
+    striped[1::2] = torch.rand(striped[1::2].shape, generator=g)
+    signed = torch.randn(700, 600, generator=g)
+    signed.view(-1)[::5] = -float("inf")
+    return {
+        "random": torch.rand(700, 600, generator=g),
+        "tied": tied,
+        "striped": striped.view(700, 600),
+        "with -inf": signed,
+    }
+
+
+@pytest.mark.parametrize("case", ["random", "tied", "striped", "with -inf"])
+def test_topk_fast_path_equals_brute_force_on_large_inputs(case):
+    score = _large_scores()[case]
+    for k in (1, 777, 50_000, 210_000, score.numel() - 3):
+        assert torch.equal(mask_ops.topk_mask(score, k), _reference_topk(score, k)), k
+
+
+def test_topk_with_nan_is_unchanged_by_the_fast_path():
+    score = torch.rand(700, 600, generator=torch.Generator().manual_seed(4))
+    score.view(-1)[12345] = float("nan")
+    flat = score.reshape(-1)
+    kth = torch.topk(flat, 1000, sorted=False).values.min()  # what topk alone gives: NaN
+    expected = (flat > kth) | torch.zeros_like(flat, dtype=torch.bool)
+    assert torch.equal(mask_ops.topk_mask(score, 1000).reshape(-1), expected)
+
+
+@pytest.mark.parametrize("case", ["random", "tied", "with -inf"])
+@pytest.mark.parametrize("density", [0.02, 0.7])
+def test_drop_and_grow_equal_the_full_masked_top_k(case, density):
+    """Selecting among the candidates only gives the full-tensor answer, ties included."""
+    score = _large_scores()[case]
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(score.shape, generator=g) < density
+    active = int(mask.sum())
+    inf = torch.tensor(-float("inf"))
+    for n in (0, 1, active // 3, active):
+        expected = _reference_topk(torch.where(mask, score, inf), active - n)
+        assert torch.equal(mask_ops.drop_lowest(score, mask, n), expected), n
+    free = mask.numel() - active
+    for n in (1, free // 4, free):
+        expected = mask | _reference_topk(torch.where(mask, inf, score), n)
+        assert torch.equal(mask_ops.grow_highest(score, mask, n), expected), n

@@ -175,6 +175,24 @@ class KernelMode:
         if layer is not None:
             layer.dirty = True
 
+    def masked_grads(self) -> set[str]:
+        """Names whose ``.grad`` is exactly the kernel's gradient for the current mask, so the
+        sparsifier need not mask it again.
+
+        A layer qualifies only while its weight's ``.grad`` is the gradient storage the kernel
+        wrote in the last backward for the structure of the current mask, with no write since
+        (see :meth:`GradBuffer.holds`): a weight also used outside the kernel, gradients
+        accumulated over several backward passes, dense gradients and a mask replaced after the
+        backward all fail that test and are masked as usual.
+        """
+        return {
+            name
+            for name, layer in self.layers.items()
+            if not layer.dirty
+            and layer.structure is not None
+            and layer.grad_buffer.holds(self._modules[name].weight.grad, layer.structure)
+        }
+
     def wants_dense_grad(self) -> bool:
         """Whether the coming optimizer step must see full dense weight gradients."""
         if self._forced_dense_grad:

@@ -179,10 +179,12 @@ class GradBuffer:
     The storage is handed out at most once per tick of ``clock`` (the sparsifier's optimizer
     step count): a second gradient within the same step (gradient accumulation, a layer applied
     twice, a backward without an optimizer step) is a fresh tensor, so nothing handed out is
-    overwritten while autograd or ``.grad`` may still hold it. Between ticks the sparsifier's
-    step pre-hook has masked ``.grad`` in place, which keeps the storage zero off the mask even
-    when other gradients were added into it. A gradient kept past the next step changes with the
-    storage: clone it to keep it. A new mask clears the storage once.
+    overwritten while autograd or ``.grad`` may still hold it. A ``.grad`` that still lives in
+    the storage at the next step (``zero_grad(set_to_none=False)``) makes the buffer let go of it
+    (:meth:`release_if_shared`), so the new gradient is not written into the one it is added to.
+    Storage written through since the last hand-out (a gradient added into ``.grad``, the
+    sparsifier's masking) is cleared before reuse, as it is when the mask changes. A gradient
+    kept past the next step otherwise changes with the storage: clone it to keep it.
     """
 
     def __init__(self, clock: Callable[[], int]) -> None:
@@ -190,6 +192,7 @@ class GradBuffer:
         self._storage: torch.Tensor | None = None
         self._index: torch.Tensor | None = None  # the mask positions written last time
         self._tick: int | None = None  # clock value at the last hand-out
+        self._version = -1  # the storage's version counter right after the last hand-out
 
     def fill(self, values: torch.Tensor, s: LinearStructure) -> torch.Tensor:
         """A dense gradient of ``s.shape`` with ``values`` at ``s``'s positions, zeros elsewhere."""
@@ -204,10 +207,36 @@ class GradBuffer:
             return torch.zeros_like(storage).index_copy_(0, s.index, values).view(s.shape)
         if not fits:
             storage = self._storage = torch.zeros(numel, dtype=values.dtype, device=values.device)
-        elif self._index is not s.index:  # another mask: clear what the old one wrote
-            storage.zero_()
+        elif self._index is not s.index or storage._version != self._version:
+            storage.zero_()  # another mask, or written through since: clear what it holds
         self._index, self._tick = s.index, tick
-        return storage.index_copy_(0, s.index, values).view(s.shape)
+        out = storage.index_copy_(0, s.index, values).view(s.shape)
+        self._version = storage._version
+        return out
+
+    def release_if_shared(self, grad: torch.Tensor | None) -> None:
+        """Let go of the storage if ``grad`` (a weight's current ``.grad``) lives in it."""
+        if self._shares(grad):
+            self._storage, self._index, self._tick = None, None, None
+
+    def holds(self, grad: torch.Tensor | None, s: LinearStructure) -> bool:
+        """Whether ``grad`` is exactly what the last hand-out wrote for ``s``, unwritten since.
+
+        It must be the storage itself (not a sum autograd made with another use of the weight)
+        with an unchanged version counter (no accumulation, no masking, no other in-place
+        write), so it is zero off ``s``'s mask. Writes through ``.data`` bypass the counter.
+        """
+        return self._shares(grad) and self._index is s.index and grad._version == self._version
+
+    def _shares(self, grad: torch.Tensor | None) -> bool:
+        storage = self._storage
+        return (
+            grad is not None
+            and storage is not None
+            and grad.data_ptr() == storage.data_ptr()
+            and grad.numel() == storage.numel()
+            and grad.is_contiguous()
+        )
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -235,7 +264,7 @@ class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
-        x, _ = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         s = ctx.structure
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = sparse_grad_input(grad_y, ctx.values, s) if need_x else None
@@ -244,6 +273,8 @@ class _SparseLinearFunction(torch.autograd.Function):
             if ctx.dense_grad:
                 grad_w = grad_y.t().mm(x)
             else:
+                if ctx.buffer is not None:
+                    ctx.buffer.release_if_shared(weight.grad)
                 grad_w = sparse_grad_weight(grad_y, x, s, ctx.buffer)
         grad_b = grad_y.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b, None, None, None
