@@ -488,3 +488,14 @@ def test_a_weight_also_used_densely_is_still_masked():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_buffer_works_in_inference_mode():
+    """The autotuner times the kernels under inference mode, where there is no version counter."""
+    mask = _mask((9, 7), 0.4)
+    s = LinearStructure.from_mask(mask)
+    buffer = GradBuffer(iter(range(100)).__next__)
+    with torch.inference_mode():
+        for _ in range(2):
+            grad = buffer.fill(torch.ones(s.nnz), s)
+            assert torch.equal(grad, mask.float())

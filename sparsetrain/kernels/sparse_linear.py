@@ -207,11 +207,11 @@ class GradBuffer:
             return torch.zeros_like(storage).index_copy_(0, s.index, values).view(s.shape)
         if not fits:
             storage = self._storage = torch.zeros(numel, dtype=values.dtype, device=values.device)
-        elif self._index is not s.index or storage._version != self._version:
+        elif self._index is not s.index or _version(storage) != self._version:
             storage.zero_()  # another mask, or written through since: clear what it holds
         self._index, self._tick = s.index, tick
         out = storage.index_copy_(0, s.index, values).view(s.shape)
-        self._version = storage._version
+        self._version = _version(storage)
         return out
 
     def release_if_shared(self, grad: torch.Tensor | None) -> None:
@@ -226,7 +226,7 @@ class GradBuffer:
         with an unchanged version counter (no accumulation, no masking, no other in-place
         write), so it is zero off ``s``'s mask. Writes through ``.data`` bypass the counter.
         """
-        return self._shares(grad) and self._index is s.index and grad._version == self._version
+        return self._shares(grad) and self._index is s.index and _version(grad) == self._version
 
     def _shares(self, grad: torch.Tensor | None) -> bool:
         storage = self._storage
@@ -237,6 +237,12 @@ class GradBuffer:
             and grad.numel() == storage.numel()
             and grad.is_contiguous()
         )
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter; inference tensors (the autotuner's timing runs) have none, and
+    nothing but inference-mode code can write to them, so they count as never written."""
+    return 0 if t.is_inference() else t._version
 
 
 class _SparseLinearFunction(torch.autograd.Function):
