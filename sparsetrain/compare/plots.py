@@ -33,18 +33,11 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy_vs_sparsity(rows: Sequence[Row], model: str, path: str | Path) -> Path:
-    """Test accuracy (mean, error bar = std over seeds) against sparsity, one line per method.
-
-    Methods with no sparsity (the dense baseline) are drawn as a horizontal band.
-    """
-    rows = [r for r in rows if r.model == model]
-    names = list(dict.fromkeys(r.name for r in rows))
-    style = _style(names)
-    fig = Figure(figsize=(7.5, 4.8))
-    ax = fig.add_subplot()
+def _draw_accuracy(ax, rows: Sequence[Row], names: Sequence[str], style: dict) -> None:  # noqa: ANN001
     for name in names:
         mine = sorted((r for r in rows if r.name == name), key=lambda r: r.sparsity)
+        if not mine:
+            continue
         color, marker = style[name]
         if all(r.sparsity == 0.0 for r in mine):
             r = mine[0]
@@ -63,10 +56,38 @@ def plot_accuracy_vs_sparsity(rows: Sequence[Row], model: str, path: str | Path)
             label=name,
         )
     ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{model}: test accuracy vs sparsity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=8, loc="lower left")
+
+
+def plot_accuracy_vs_sparsity(
+    rows: Sequence[Row], model: str, path: str | Path, panels: Sequence[Sequence[str]] = ()
+) -> Path:
+    """Test accuracy (mean, error bar = std over seeds) against sparsity, one line per method.
+
+    ``panels`` splits the methods over side-by-side axes (names in none go to the last one), so
+    a dozen lines stay readable. Methods with no sparsity (the dense baseline) are drawn in every
+    panel as a horizontal line with a band of one std.
+    """
+    rows = [r for r in rows if r.model == model]
+    names = list(dict.fromkeys(r.name for r in rows))
+    style = _style(names)
+    flat = [r.name for r in rows if all(x.sparsity == 0.0 for x in rows if x.name == r.name)]
+    baselines = list(dict.fromkeys(flat))
+    groups = [[n for n in panel if n in names] for panel in panels] or [[]]
+    placed = {n for panel in groups for n in panel}
+    groups[-1] += [n for n in names if n not in placed and n not in baselines]
+    groups = [g for g in groups if g] or [[]]
+    fig = Figure(figsize=(6.0 * len(groups), 4.8))
+    axes = [fig.add_subplot(1, len(groups), i + 1) for i in range(len(groups))]
+    for ax, group in zip(axes, groups, strict=True):
+        _draw_accuracy(ax, rows, [*baselines, *group], style)
+    axes[0].set_ylabel("test accuracy (%)")
+    lows = [ax.get_ylim()[0] for ax in axes]
+    highs = [ax.get_ylim()[1] for ax in axes]
+    for ax in axes:
+        ax.set_ylim(min(lows), max(highs))
+    fig.suptitle(f"{model}: test accuracy vs sparsity")
     return _save(fig, path)
 
 

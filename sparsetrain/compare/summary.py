@@ -19,6 +19,11 @@ __all__ = ["AST_COUNTERPARTS", "name_order", "render_summary", "write_summary"]
 
 # Separately trained runs AST's sub-networks are set beside (those the grid has).
 AST_COUNTERPARTS = ("static_uniform", "static_erk", "gmp", "rigl")
+# Accuracy-vs-sparsity panels: sparse from the start | dense phases or several models per run.
+PANELS = (
+    ("thin_dense", "static_uniform", "static_erk", "set", "rigl", "dsr"),
+    ("gmp", "acdc", ACDC_TWIN, "cgap", "pgap", "ast"),
+)
 
 
 def name_order(variants: Sequence[str]) -> list[str]:
@@ -59,7 +64,8 @@ def write_summary(
     rows = aggregate(records, order)
     models = list(dict.fromkeys(r.model for r in rows))
     figures = [
-        plot_accuracy_vs_sparsity(rows, m, out / f"compare_accuracy_{m}.png") for m in models
+        plot_accuracy_vs_sparsity(rows, m, out / f"compare_accuracy_{m}.png", PANELS)
+        for m in models
     ]
     if rows:
         figures.append(plot_accuracy_vs_train_flops(rows, out / "compare_train_flops.png"))
