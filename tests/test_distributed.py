@@ -112,3 +112,57 @@ def test_mask_check_interval_and_a_partial_torchrun_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="start multi-process training with torchrun"):
         distributed.init_distributed("cpu")
+
+
+def test_tensor_collectives_are_identities_in_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    tensors = [torch.tensor([1.5, 2.0]), torch.tensor(3)]
+    distributed.broadcast_tensors(tensors, src=0)
+    assert tensors[0].tolist() == [1.5, 2.0] and tensors[1].item() == 3
+    gathered = distributed.all_gather_tensors(tensors)
+    assert len(gathered) == 1 and all(a is b for a, b in zip(gathered[0], tensors, strict=True))
+    assert distributed.all_gather_object({"loss": 0.5}) == [{"loss": 0.5}]
+
+
+COLLECTIVES = """
+import json, sys, torch
+from sparsetrain.train import distributed
+world = distributed.init_distributed("cpu")
+r = world.rank
+# mixed dtypes, interleaved: one flat buffer per dtype must come back in the original order
+mine = [torch.full((2, 3), r + 0.5), torch.tensor([10 * r, 11 * r]), torch.tensor(r * 1.0),
+        torch.tensor([r, r + 1], dtype=torch.int32)]
+gathered = distributed.all_gather_tensors(mine)
+shared = [t.clone() for t in mine]
+distributed.broadcast_tensors(shared, src=1)
+out = {"gathered": [[[t.dtype == m.dtype, t.tolist()] for t, m in zip(copy, mine)]
+                    for copy in gathered],
+       "broadcast": [[str(t.dtype), t.tolist()] for t in shared],
+       "objects": distributed.all_gather_object(f"rank{r}")}
+open(f"{sys.argv[1]}/rank{r}.json", "w").write(json.dumps(out))
+"""
+
+
+def test_tensor_collectives_over_two_processes(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = [
+        [[True, [[r + 0.5] * 3] * 2], [True, [10 * r, 11 * r]], [True, r * 1.0], [True, [r, r + 1]]]
+        for r in (0, 1)
+    ]
+    for result in ranks:
+        assert result["gathered"] == expected
+        assert result["broadcast"] == [
+            ["torch.float32", [[1.5] * 3] * 2],
+            ["torch.int64", [10, 11]],
+            ["torch.float32", 1.0],
+            ["torch.int32", [1, 2]],
+        ]
+        assert result["objects"] == ["rank0", "rank1"]

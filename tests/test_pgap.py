@@ -14,7 +14,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 import sparsetrain as st
 from sparsetrain import mask_ops
-from sparsetrain.pgap import merge_workers, pgap_train, tensor_hash
+from sparsetrain.pgap import merge_workers, pgap_train
+from sparsetrain.train.distributed import tensor_digest as tensor_hash
 from tests.conftest import TinyCNN
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import gc
 import hashlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +34,13 @@ from sparsetrain.errors import ConfigError, SparsetrainError
 __all__ = [
     "CHECK_MASKS_ENV",
     "World",
+    "all_gather_object",
+    "all_gather_tensors",
     "all_sum",
     "any_rank",
     "barrier",
     "broadcast_object",
+    "broadcast_tensors",
     "check_same_masks",
     "init_distributed",
     "is_distributed",
@@ -190,6 +193,64 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=src, group=_control_group())
     return box[0]
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` in a single process."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_control_group())
+    return values
+
+
+def _by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by dtype: one flat buffer, so one collective, per dtype."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault(tensor.dtype, []).append(index)
+    return list(groups.values())
+
+
+def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    parts = flat.split([t.numel() for t in like])
+    return [part.view_as(t) for part, t in zip(parts, like, strict=True)]
+
+
+def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place on every rank with rank ``src``'s values (e.g. a whole
+    ``state_dict``); one collective per dtype. No-op in a single process."""
+    if not is_distributed():
+        return
+    for indices in _by_dtype(tensors):
+        group = [tensors[i] for i in indices]
+        flat = _flatten(group)
+        dist.broadcast(flat, src)
+        with torch.no_grad():
+            for tensor, value in zip(group, _unflatten(flat, group), strict=True):
+                tensor.copy_(value)
+
+
+def all_gather_tensors(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Every rank's copy of ``tensors``: ``result[r][i]`` is rank r's ``tensors[i]``; one
+    collective per dtype. ``[tensors]`` in a single process."""
+    if not is_distributed():
+        return [list(tensors)]
+    size = dist.get_world_size()
+    out: list[list[torch.Tensor]] = [list(tensors) for _ in range(size)]
+    for indices in _by_dtype(tensors):
+        group = [tensors[i] for i in indices]
+        flat = _flatten(group)
+        copies = [torch.empty_like(flat) for _ in range(size)]
+        dist.all_gather(copies, flat)
+        for r, copy in enumerate(copies):
+            for i, value in zip(indices, _unflatten(copy, group), strict=True):
+                out[r][i] = value
+    return out
 
 
 def barrier() -> None:

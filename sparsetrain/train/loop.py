@@ -50,7 +50,7 @@ from sparsetrain.report import plot_layer_sparsity, plot_training_curves
 from sparsetrain.report.summary import Report
 from sparsetrain.train import distributed
 from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
-from sparsetrain.train.config import Config, resolve, save_config
+from sparsetrain.train.config import Config, SparsityConfig, resolve, save_config
 from sparsetrain.train.guard import NonFiniteLoss, StepGuard
 from sparsetrain.train.optim import build_optimizer, build_scheduler
 from sparsetrain.train.resume import (
@@ -74,12 +74,14 @@ __all__ = [
     "build_model_for",
     "build_state",
     "evaluate",
+    "layer_kwargs",
     "make_loader",
     "run_epochs",
     "seed_everything",
     "state_checkpoint",
     "train",
     "train_epoch",
+    "write_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,6 +253,19 @@ def build_model_for(config: Config, info: DatasetInfo | None = None) -> nn.Modul
     )
 
 
+def layer_kwargs(s: SparsityConfig) -> dict[str, Any]:
+    """The config's choice of sparse weights and of their per-layer ratios, as keyword arguments
+    of :func:`sparsetrain.sparsify` (and of P-GaP's driver)."""
+    return {
+        "distribution": s.distribution,
+        "include": s.include,
+        "exclude": s.dense,
+        "dense_first": s.dense_first,
+        "dense_last": s.dense_last,
+        "erk_power": s.erk_power,
+    }
+
+
 def build_state(config: Config, data: Data, device: torch.device) -> TrainState:
     model = build_model_for(config, data.info).to(device)
     optimizer = build_optimizer(model.parameters(), config.optimizer)
@@ -264,14 +279,9 @@ def build_state(config: Config, data: Data, device: torch.device) -> TrainState:
         sparsity=s.sparsity,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        distribution=s.distribution,
-        include=s.include,
-        exclude=s.dense,
-        dense_first=s.dense_first,
-        dense_last=s.dense_last,
         seed=s.seed,
-        erk_power=s.erk_power,
         kernels=s.kernels,
+        **layer_kwargs(s),
         **s.options,
     )
     scheduler = build_scheduler(optimizer, config.lr_schedule, steps_per_epoch, total_steps)
@@ -370,6 +380,24 @@ def append_metrics(path: Path | None, record: dict[str, Any]) -> None:
     if path is not None:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def write_report(
+    run_dir: Path,
+    report: Report,
+    last: dict[str, Any],
+    extras: dict[str, Any],
+    metrics: list[dict[str, Any]],
+) -> list[Path]:
+    """Write report.txt, report.json (``last`` record, ``extras``, ``report``) and the plots of
+    ``metrics`` (the main run's records) into ``run_dir``; returns the plots' paths."""
+    (run_dir / "report.txt").write_text(report.format() + "\n")
+    summary = {"metrics": last, "extras": extras, **report.to_dict()}
+    (run_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots = [plot_training_curves(metrics, run_dir / "curves.png")]
+    if report.sparsity.rows:
+        plots.append(plot_layer_sparsity(report.sparsity, run_dir / "layer_sparsity.png"))
+    return plots
 
 
 def run_epochs(
@@ -567,14 +595,7 @@ def _train(config: Config, point: ResumePoint | None, world: distributed.World |
     last = {**metrics[-1], **extras}
     checkpoint = save_checkpoint(run_dir / "final.pt", state_checkpoint(state, config, data, last))
     report = sp.report()
-    plots: list[Path] = []
-    if main:
-        (run_dir / "report.txt").write_text(report.format() + "\n")
-        summary = {"metrics": last, "extras": extras, **report.to_dict()}
-        (run_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plots.append(plot_training_curves(metrics, run_dir / "curves.png"))  # main run only
-        if report.sparsity.rows:
-            plots.append(plot_layer_sparsity(report.sparsity, run_dir / "layer_sparsity.png"))
+    plots = write_report(run_dir, report, last, extras, metrics) if main else []
     return RunResult(
         run_dir=run_dir,
         config=config,
