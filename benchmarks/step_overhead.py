@@ -99,10 +99,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="5 rounds of 5 steps")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps = 5, 5
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = {}
     print(
