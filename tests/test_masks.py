@@ -24,8 +24,10 @@ def _train(model, opt, batches, steps):
         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
         lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4),
         lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4, fused=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, fused=True),
     ],
-    ids=["sgd", "nesterov", "adam", "adamw"],
+    ids=["sgd", "nesterov", "adam", "adamw", "sgd-fused", "adamw-fused"],
 )
 def test_exact_sparsity_after_50_steps(make_opt, batches):
     torch.manual_seed(0)

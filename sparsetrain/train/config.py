@@ -81,6 +81,7 @@ class OptimizerConfig:
     nesterov: bool = False  # sgd only
     weight_decay: float = 5.0e-4
     betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    fused: bool = False  # one fused kernel per step (saves SGD's weight-decay temporary)
 
 
 @dataclass(frozen=True)

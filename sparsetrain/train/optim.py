@@ -31,10 +31,15 @@ def build_optimizer(
             momentum=config.momentum,
             nesterov=config.nesterov,
             weight_decay=config.weight_decay,
+            fused=config.fused or None,
         )
     if config.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            params,
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+            fused=config.fused or None,
         )
     raise ConfigError(f"unknown optimizer {config.name!r}; choose sgd or adamw")
 
