@@ -17,13 +17,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from _common import cpu_name
 from torch import nn
 
 import sparsetrain as st
@@ -36,16 +36,6 @@ SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 BATCHES = (1, 8, 64, 256)
 INPUT_SHAPE = (1, 28, 28)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _sparse_model(name: str, sparsity: float) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -176,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "command": " ".join(["python", "benchmarks/inference_speed.py", *(argv or sys.argv[1:])]),
         "torch": torch.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "rounds": rounds,

@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_name
 from torch import nn
 
 import sparsetrain as st
@@ -55,16 +55,6 @@ UPDATE_EVERY = 100
 DROP_FRACTION = 0.3
 BATCH = 128
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 @dataclass
@@ -332,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "command": " ".join(["python", "benchmarks/train_speed.py", *(argv or sys.argv[1:])]),
         "torch": torch.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
