@@ -88,6 +88,15 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _format_extra(key: str, value: object) -> str:
+    """Accuracies as percentages and losses to four decimals; anything else as it is."""
+    if isinstance(value, float) and key.endswith("_acc"):
+        return f"{value:.2%}"
+    if isinstance(value, float) and key.endswith("_loss"):
+        return f"{value:.4f}"
+    return str(value)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sparsetrain.train.config import load_config
     from sparsetrain.train.loop import train
@@ -111,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"final test accuracy: {result.test_acc:.2%} (test loss {result.test_loss:.4f})")
     for key, value in result.extras.items():
-        print(f"{key}: {value}")
+        print(f"{key}: {_format_extra(key, value)}")
     print()
     print(result.report.format())
     print()
