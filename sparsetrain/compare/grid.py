@@ -100,13 +100,19 @@ class Grid:
         """Fingerprint of what every cell of ``cell.model`` shares (data, epochs, optimizer, ...).
 
         Stored with each result, so a re-run with another setup cannot mix into the same table.
+        Only values that differ from the defaults count: a config key added later, at its
+        default, leaves the fingerprint of existing results unchanged.
         """
-        config = self.config_for(cell, "-").to_dict()
-        shared = {k: config[k] for k in ("data", "optimizer", "lr_schedule")}
-        shared["train"] = {
-            k: v for k, v in config["train"].items() if k not in ("seed", "out", "name", "device")
+        config, default = self.config_for(cell, "-").to_dict(), Config().to_dict()
+        ignore = {"train": {"seed", "out", "name", "device"}, "model": {"width"}}
+        shared = {
+            section: {
+                k: v
+                for k, v in config[section].items()
+                if k not in ignore.get(section, ()) and v != default[section].get(k)
+            }
+            for section in ("model", "data", "train", "optimizer", "lr_schedule")
         }
-        shared["model"] = {k: v for k, v in config["model"].items() if k != "width"}
         text = json.dumps(shared, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
