@@ -66,7 +66,8 @@ def plot_accuracy_vs_sparsity(
     """Test accuracy (mean, error bar = std over seeds) against sparsity, one line per method.
 
     ``panels`` splits the methods over side-by-side axes (names in none go to the last one), so
-    a dozen lines stay readable. Methods with no sparsity (the dense baseline) are drawn in every
+    a dozen lines stay readable; each panel scales its own accuracy axis (one collapsed method
+    must not flatten the others). Methods with no sparsity (the dense baseline) are drawn in every
     panel as a horizontal line with a band of one std.
     """
     rows = [r for r in rows if r.model == model]
@@ -83,10 +84,6 @@ def plot_accuracy_vs_sparsity(
     for ax, group in zip(axes, groups, strict=True):
         _draw_accuracy(ax, rows, [*baselines, *group], style)
     axes[0].set_ylabel("test accuracy (%)")
-    lows = [ax.get_ylim()[0] for ax in axes]
-    highs = [ax.get_ylim()[1] for ax in axes]
-    for ax in axes:
-        ax.set_ylim(min(lows), max(highs))
     fig.suptitle(f"{model}: test accuracy vs sparsity")
     return _save(fig, path)
 
