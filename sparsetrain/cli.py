@@ -232,7 +232,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.config, quick=args.quick, overrides=args.overrides)
     out = Path(args.out or ("runs/compare_quick" if args.quick else "runs/compare"))
-    if not args.verbose:  # per-epoch lines of every cell would bury the grid's progress
+    if not (args.verbose or args.quiet):  # per-epoch lines of every cell would bury the grid
         logging.getLogger("sparsetrain").setLevel(logging.WARNING)
         logging.getLogger("sparsetrain.compare").setLevel(logging.INFO)
     outcome = run_grid(grid, out)
