@@ -468,7 +468,7 @@ def trained(tmp_path_factory):
 def test_training_evaluates_every_subnet_and_eval_report_take_subnet(trained, capsys):
     code, stdout, out = trained
     assert code == 0
-    accuracies = [float(a) for a in re.findall(r"subnet\d_test_acc: ([\d.]+)", stdout)]
+    accuracies = [float(a) / 100 for a in re.findall(r"subnet\d_test_acc: ([\d.]+)%", stdout)]
     assert len(accuracies) == 2
     assert re.search(r"subnet1_sparsity: 0\.8", stdout) and "nesting_overlap: [1.0]" in stdout
     assert cli.main(["eval", str(out / "final.pt")]) == 0
