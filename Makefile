@@ -25,5 +25,5 @@ demo: setup data
 	$(BIN)/sparsetrain train
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 	$(BIN)/ruff check .
