@@ -3,8 +3,17 @@
 A *layer* is the module that owns a sparse weight (a ``Linear``, a ``Conv2d``, an attention block
 owning ``in_proj_weight``). GaP grows and prunes whole layers, so a layer's sparse weights always
 go to the same group, and P-GaP's merge takes every parameter and buffer of a layer (its bias,
-say) from the worker that grew it (:func:`layer_state_keys`). A norm layer next to a conv is a
-layer of its own that owns no sparse weight, so it belongs to no group.
+say) from the worker that grew it (:func:`layer_state_keys`).
+
+A norm module (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm) normalises what the layer
+before it computes, so its affine parameters and running statistics go with that layer: a norm
+belongs to the nearest module before it in ``model.named_modules()`` order that owns parameters
+and is not a norm (:func:`norm_owners`; small_cnn's ``features.0`` conv takes the BatchNorm after
+the pool, a ResNet block's ``conv1`` takes ``bn1``). Averaging a BatchNorm over workers while its
+conv came from one worker would normalise that conv with statistics of other weights. A norm whose
+preceding layer is dense or in no group, or that comes before any layer, belongs to no group.
+In a pre-activation network (``wrn``) a block's first norm normalises the previous block's sum
+and goes with the previous block's last registered layer (its shortcut conv where it has one).
 
 Two ways to partition:
 
@@ -37,7 +46,10 @@ __all__ = [
     "layer_of",
     "layer_state_keys",
     "make_partition",
+    "norm_owners",
 ]
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 @dataclass(frozen=True)
@@ -168,15 +180,38 @@ def make_partition(
     return by_count(params, groups)
 
 
-def layer_state_keys(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """``state_dict`` keys of every parameter and buffer of the layers owning ``names``.
+def norm_owners(model: nn.Module) -> dict[str, str]:
+    """Norm module name -> the layer whose output it normalises (see the module docstring).
 
-    These travel with the group in P-GaP's merge: a grown conv's bias belongs to the worker that
-    grew the conv. Non-persistent buffers are not in ``state_dict`` and are skipped.
+    The owner is the nearest earlier module in ``named_modules()`` order with parameters of its own
+    that is not a norm, so a norm after a dense layer stays with that dense layer rather than
+    jumping back to an earlier sparse one. Norms before any such module are left out.
+    """
+    owners: dict[str, str] = {}
+    previous: str | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, _NORMS):
+            if previous is not None:
+                owners[name] = previous
+        elif next(module.parameters(recurse=False), None) is not None:
+            previous = name
+    return owners
+
+
+def layer_state_keys(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """``state_dict`` keys of every parameter and buffer of the layers owning ``names``, and of
+    the norms that follow them (:func:`norm_owners`).
+
+    These travel with the group in P-GaP's merge: a grown conv's bias, and the BatchNorm that
+    normalises it, belong to the worker that grew the conv. Non-persistent buffers are not in
+    ``state_dict`` and are skipped.
     """
     persistent = set(model.state_dict())
+    layers = list(dict.fromkeys(layer_of(n) for n in names))
+    owned = set(layers)
+    norms = [norm for norm, owner in norm_owners(model).items() if owner in owned]
     keys: list[str] = []
-    for layer in dict.fromkeys(layer_of(n) for n in names):
+    for layer in [*layers, *norms]:
         module = model.get_submodule(layer)
         prefix = f"{layer}." if layer else ""
         for local, _ in [

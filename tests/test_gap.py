@@ -12,7 +12,14 @@ from sparsetrain import mask_ops
 from sparsetrain.distributions import global_magnitude
 from sparsetrain.methods import build_method
 from sparsetrain.methods.gap import gap_phases
-from sparsetrain.partitions import by_count, by_globs, layer_state_keys, make_partition
+from sparsetrain.models import build_model
+from sparsetrain.partitions import (
+    by_count,
+    by_globs,
+    layer_state_keys,
+    make_partition,
+    norm_owners,
+)
 from sparsetrain.train.config import load_config
 from tests.conftest import TinyCNN
 
@@ -66,11 +73,68 @@ def test_by_globs_errors_name_the_glob_or_the_layer():
         make_partition(tiny_params(), 3, [["conv*"], ["fc*"]])
 
 
-def test_layer_state_keys_take_the_owning_modules_params_and_buffers():
+def test_layer_state_keys_take_the_owning_modules_and_their_norms_params_and_buffers():
     model = TinyCNN()
     model.conv2.register_buffer("scale", torch.ones(1))
     keys = layer_state_keys(model, ["conv2.weight", "fc1.weight"])
-    assert keys == ["conv2.weight", "conv2.bias", "conv2.scale", "fc1.weight", "fc1.bias"]
+    bn2 = ["bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var"]
+    assert keys == ["conv2.weight", "conv2.bias", "conv2.scale", "fc1.weight", "fc1.bias"] + [
+        *bn2,
+        "bn2.num_batches_tracked",
+    ]
+    assert not any(key.startswith("bn1.") for key in keys)
+
+
+def conv_bn_pool() -> nn.Sequential:
+    return nn.Sequential(
+        nn.GroupNorm(1, 1),  # before any layer: in no group
+        nn.Conv2d(1, 4, 3),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        nn.Flatten(),
+        nn.Linear(4, 8),
+        nn.LayerNorm(8),
+        nn.BatchNorm1d(8),  # a second norm follows the same layer
+        nn.Linear(8, 2),
+    )
+
+
+def test_each_norm_goes_with_the_nearest_layer_before_it():
+    model = conv_bn_pool()
+    assert norm_owners(model) == {"3": "1", "6": "5", "9": "8", "10": "8"}
+    keys = layer_state_keys(model, ["1.weight", "11.weight"])
+    assert [k for k in keys if k.startswith("3.")] == [
+        "3.weight",
+        "3.bias",
+        "3.running_mean",
+        "3.running_var",
+        "3.num_batches_tracked",
+    ]
+    assert not any(k.startswith(("0.", "6.", "9.", "10.")) for k in keys)
+    assert set(layer_state_keys(model, ["8.weight"])) >= {"9.weight", "10.running_var"}
+
+
+def test_a_norm_after_a_dense_layer_stays_with_it_not_with_an_earlier_sparse_one():
+    model = conv_bn_pool()
+    # Only the convs are sparse: the Linear "8" is dense, so its norms travel with nothing.
+    keys = layer_state_keys(model, ["1.weight", "5.weight"])
+    assert not any(k.startswith(("9.", "10.")) for k in keys)
+
+
+def test_resnet_blocks_keep_each_batchnorm_with_its_conv():
+    model = build_model("resnet20")
+    owners = norm_owners(model)
+    assert owners["bn1"] == "conv1"
+    assert owners["layer1.0.bn1"] == "layer1.0.conv1"
+    assert owners["layer1.0.bn2"] == "layer1.0.conv2"
+    assert owners["layer2.0.shortcut.1"] == "layer2.0.shortcut.0"
+    assert set(owners) == {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    keys = layer_state_keys(model, ["layer1.0.conv1.weight"])
+    assert keys[0] == "layer1.0.conv1.weight"
+    assert {k.rpartition(".")[0] for k in keys} == {"layer1.0.conv1", "layer1.0.bn1"}
 
 
 # ----------------------------------------------------------------- layout

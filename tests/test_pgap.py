@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import sparsetrain as st
 from sparsetrain import mask_ops
+from sparsetrain.partitions import by_globs, layer_state_keys
 from sparsetrain.pgap import merge_workers, pgap_train
 from sparsetrain.train.distributed import tensor_digest as tensor_hash
 from tests.conftest import TinyCNN
@@ -58,6 +59,33 @@ def test_merge_takes_each_group_from_its_worker_and_averages_the_rest_in_order()
     ]
     merged = merge_workers(partial, [["g0"], ["g1"]])
     assert merged == {"g0": torch.ones(1), "x": torch.full((1,), 0.5), "g1": torch.zeros(1)}
+
+
+def test_merge_takes_each_groups_batchnorm_from_the_worker_that_grew_its_conv():
+    model = TinyCNN()
+    params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+    group_keys = [
+        layer_state_keys(model, names)
+        for names in by_globs(params, [["conv1"], ["conv2", "fc*"]]).groups
+    ]
+    states = []
+    for k in range(2):
+        torch.manual_seed(k)
+        model.train()
+        model(torch.randn(8, 1, 16, 16) + k)  # each worker's own running statistics
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p))
+        states.append({key: v.clone() for key, v in model.state_dict().items()})
+    merged = merge_workers(states, group_keys)
+    for k, bn in enumerate(["bn1", "bn2"]):
+        for local in ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]:
+            key = f"{bn}.{local}"
+            assert torch.equal(merged[key], states[k][key]), key
+            assert (
+                not torch.equal(merged[key], states[1 - k][key]) or local == "num_batches_tracked"
+            )
+    assert torch.equal(merged["conv1.weight"], states[0]["conv1.weight"])
+    assert torch.equal(merged["bn2.running_var"], states[1]["bn2.running_var"])
 
 
 def test_sequential_run_ends_at_the_ratios_and_is_reproducible():

@@ -1,8 +1,9 @@
 """P-GaP's merge: one model from the workers' models, the same bits however the workers ran.
 
 The layers of group k, meaning every parameter and buffer of the modules owning its sparse
-weights (:func:`sparsetrain.partitions.layer_state_keys`), come from worker k. Everything else is
-averaged over the workers: layers in no group, norm layers, dense layers and running statistics.
+weights and of the norms that follow them (:func:`sparsetrain.partitions.layer_state_keys`), come
+from worker k, so a conv and the BatchNorm statistics computed from it stay together. Everything
+else is averaged over the workers: layers in no group, dense layers and their norms.
 The sum runs in worker order, in one process (:func:`merge_workers`) as over ranks
 (:func:`merge_ranks`, which gathers the averaged tensors and sums them on every rank), so both
 give the same bits. Integer buffers, such as BatchNorm's batch counter, come from worker 0.
