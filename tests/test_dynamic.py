@@ -222,7 +222,24 @@ def test_set_random_growth_is_seeded():
 
 def test_set_per_epoch_updates_once_an_epoch():
     _, _, sp = _build("set", per_epoch=True, steps_per_epoch=15)
-    assert [t for t in range(1, TOTAL + 1) if sp.method.is_update_step(t)] == [15, 30, 45, 60]
+    # Not after the last epoch: the original leaves the final connectivity alone.
+    assert [t for t in range(1, TOTAL + 1) if sp.method.is_update_step(t)] == [15, 30, 45]
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("set", {"per_epoch": True}),
+        ("set", {"update_every": 20}),
+        ("rigl", {"drop_schedule": "constant", "end": 1.0, "update_every": 20}),
+    ],
+)
+def test_no_rewiring_at_the_last_step(method, options):
+    """Weights grown after the last optimizer step would stay 0 in the trained model."""
+    sp, masks, _, _ = _train(method, **options)
+    assert not sp.method.is_update_step(TOTAL)
+    assert all(torch.equal(mask, masks[-2][name]) for name, mask in masks[-1].items())
+    assert any(not torch.equal(masks[-2][n], masks[0][n]) for n in masks[0])  # it did rewire
 
 
 @pytest.mark.parametrize("method", ["set", "rigl"])

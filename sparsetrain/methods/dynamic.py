@@ -51,7 +51,8 @@ class DynamicSparse(Method):
     def configure_updates(
         self, *, fraction: float, schedule: str, every: int, end: float | None, unit: str
     ) -> None:
-        """Set the drop-fraction schedule and the update steps (every ``every`` steps to ``end``)."""
+        """Set the drop-fraction schedule and the update steps (every ``every`` steps to ``end``,
+        and before the run's last step when ``total_steps`` is known)."""
         if not 0.0 < float(fraction) <= 1.0:
             raise ConfigError(f"{self.name}: drop fraction must be in (0, 1], got {fraction!r}")
         stop = None if end is None else self.steps_from(end, unit)
@@ -70,7 +71,10 @@ class DynamicSparse(Method):
                 f"{self.name}: unknown drop_schedule {schedule!r}; "
                 f"choose one of {', '.join(DROP_SCHEDULES)}"
             )
-        self.updates = Every(every, 0, stop)
+        # Never rewire after the run's last step: weights grown there would stay 0 in the trained
+        # model (the original SET leaves the last epoch's connectivity alone).
+        last = stop if not self.total_steps else min(stop or self.total_steps, self.total_steps - 1)
+        self.updates = Every(every, 0, last)
 
     def is_update_step(self, t: int) -> bool:
         """True on the update grid while the drop fraction is still positive."""

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 @register_method("set")
 class SET(DynamicSparse):
-    """Magnitude (or sign-separated) drop, random grow; ``end=None`` rewires until training ends.
+    """Magnitude (or sign-separated) drop, random grow; ``end=None`` rewires until training ends
+    (never at the last step, as in the original).
 
     ``end`` is in ``unit`` (fraction of training by default); ``drop_schedule`` is ``constant``
     (the original) or ``cosine`` (decaying ``zeta`` to 0 at ``end``, as RigL does).
