@@ -88,6 +88,19 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE ...``, repeatable, collected into ``args.overrides``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=[],
+        help=help,
+    )
+
+
 def _format_extra(key: str, value: object) -> str:
     """Accuracies as percentages and losses to four decimals; anything else as it is."""
     if isinstance(value, float) and key.endswith("_acc"):
@@ -259,15 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", nargs="?", help="YAML config (default: the built-in default run)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        action="extend",
-        nargs="+",
-        default=[],
-        help="override a config key, e.g. --set optimizer.lr=0.1 sparsity.sparsity=0.95",
-    )
+    _add_overrides(p, "override a config key, e.g. --set optimizer.lr=0.1 sparsity.sparsity=0.95")
     p.add_argument("--data-dir", help="dataset directory (sets data.dir)")
     p.add_argument("--out", help="run directory (sets train.out)")
     p.add_argument(
@@ -314,15 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="grid YAML (e.g. configs/compare.yaml)")
     p.add_argument("--quick", action="store_true", help="the grid file's quick section")
     p.add_argument("--out", help="results directory (default: runs/compare or runs/compare_quick)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        action="extend",
-        nargs="+",
-        default=[],
-        help="override a training config key of every cell, e.g. --set train.epochs=1",
-    )
+    _add_overrides(p, "override a training config key of every cell, e.g. --set train.epochs=1")
     p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("methods", help="list the sparse-training methods and their options")

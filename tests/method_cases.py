@@ -10,6 +10,12 @@ Keys: ``sparsity`` (float, or list for nested sub-networks), ``options`` (method
 as in AST).
 """
 
+import torch
+import torch.nn.functional as F
+
+import sparsetrain as st
+from tests.conftest import TinyCNN
+
 STEPS = 60
 STEPS_PER_EPOCH = 10
 
@@ -41,3 +47,36 @@ CASES: dict[str, dict] = {
         "kept_values": True,
     },
 }
+
+
+def run_case(name: str, optimizer_name: str = "sgd", steps: int = STEPS, seed: int = 0, **extra):
+    """Train ``TinyCNN`` with method ``name``'s case; returns model, optimizer, sparsifier and
+    the masks after every step. ``extra`` goes to ``sparsify`` (e.g. ``kernels="sparse"``)."""
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    if optimizer_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    case = CASES[name]
+    sp = st.sparsify(
+        model,
+        opt,
+        method=name,
+        sparsity=case["sparsity"],
+        total_steps=STEPS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        seed=seed,
+        **extra,
+        **case["options"],
+    )
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(steps):
+        x = torch.randn(16, 1, 16, 16, generator=g)
+        y = torch.randint(0, 4, (16,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        history.append(sp.masks)
+    return model, opt, sp, history

@@ -370,31 +370,9 @@ def test_config_accepts_kernels_and_rejects_typos():
 @pytest.mark.parametrize("name", st.list_methods())
 def test_every_method_trains_identically_on_sparse_kernels(name):
     """Registry-driven: the same masks and weights with kernels="sparse" as with dense layers."""
-    from tests.method_cases import CASES, STEPS, STEPS_PER_EPOCH
+    from tests.method_cases import run_case
 
-    case = CASES[name]
-    runs = []
-    for kernels in ("dense", "sparse"):
-        torch.manual_seed(0)
-        model = TinyCNN()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        sp = st.sparsify(
-            model,
-            opt,
-            method=name,
-            sparsity=case["sparsity"],
-            total_steps=STEPS,
-            steps_per_epoch=STEPS_PER_EPOCH,
-            kernels=kernels,
-            **case["options"],
-        )
-        g = torch.Generator().manual_seed(0)
-        for _ in range(STEPS):
-            x, y = torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        runs.append((model, sp))
+    runs = [run_case(name, kernels=kernels)[::2] for kernels in ("dense", "sparse")]
     (dense, dense_sp), (sparse, sparse_sp) = runs
     assert (sparse_sp.kernels.stats.rebuilds > 0) == (name != "dense")  # CSR really ran
     for pname, mask in dense_sp.masks.items():

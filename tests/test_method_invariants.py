@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparsetrain as st
 from tests.conftest import TinyCNN
-from tests.method_cases import CASES, STEPS, STEPS_PER_EPOCH
+from tests.method_cases import CASES, STEPS, STEPS_PER_EPOCH, run_case
 
 METHODS = st.list_methods()
 
@@ -19,40 +18,10 @@ def test_every_method_has_a_case():
     )
 
 
-def _run(name: str, optimizer_name: str, steps: int = STEPS, seed: int = 0):
-    torch.manual_seed(seed)
-    model = TinyCNN()
-    if optimizer_name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
-    case = CASES[name]
-    sp = st.sparsify(
-        model,
-        opt,
-        method=name,
-        sparsity=case["sparsity"],
-        total_steps=STEPS,
-        steps_per_epoch=STEPS_PER_EPOCH,
-        seed=seed,
-        **case["options"],
-    )
-    g = torch.Generator().manual_seed(seed)
-    history = []
-    for _ in range(steps):
-        x = torch.randn(16, 1, 16, 16, generator=g)
-        y = torch.randint(0, 4, (16,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        history.append(sp.masks)
-    return model, opt, sp, history
-
-
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 @pytest.mark.parametrize("name", METHODS)
 def test_masked_weights_and_state_are_zero(name, optimizer_name):
-    model, opt, sp, _ = _run(name, optimizer_name)
+    model, opt, sp, _ = run_case(name, optimizer_name)
     for pname, mask in sp.masks.items():
         param = sp.params[pname]
         assert torch.all(param[~mask] == 0), f"{pname}: masked weights not zero"
@@ -65,7 +34,7 @@ def test_masked_weights_and_state_are_zero(name, optimizer_name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_final_sparsity_is_exact(name):
-    _, _, sp, _ = _run(name, "sgd")
+    _, _, sp, _ = run_case(name, "sgd")
     expected = CASES[name]["final_sparsity"]
     if expected is None:
         pytest.skip("method has no single final sparsity")
@@ -76,7 +45,7 @@ def test_final_sparsity_is_exact(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_state_dict_round_trip_restores_masks(name):
-    model, opt, sp, _ = _run(name, "sgd", steps=STEPS // 2 + 1)
+    model, opt, sp, _ = run_case(name, "sgd", steps=STEPS // 2 + 1)
     state = copy.deepcopy(sp.state_dict())
     fresh_model = TinyCNN()
     fresh_opt = torch.optim.SGD(fresh_model.parameters(), lr=0.05, momentum=0.9)
@@ -101,7 +70,7 @@ def test_state_dict_round_trip_restores_masks(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_export_loads_strict_into_plain_model(name):
-    model, _, sp, _ = _run(name, "sgd", steps=STEPS // 2 + 1)
+    model, _, sp, _ = run_case(name, "sgd", steps=STEPS // 2 + 1)
     plain = sp.export()
     fresh = TinyCNN()
     fresh.load_state_dict(plain.state_dict(), strict=True)
