@@ -30,6 +30,16 @@ def _check_sparsity(method: str, sparsity: float | Sequence[float] | None) -> fl
     return mask_ops.check_sparsity(sparsity)
 
 
+def _check_materialized(params: dict[str, nn.Parameter]) -> None:
+    """Masks are drawn from real weights (magnitudes, shapes on a device): refuse meta tensors."""
+    meta = [name for name, p in params.items() if p.is_meta]
+    if meta:
+        raise ConfigError(
+            f"{meta[0]} (and {len(meta) - 1} more) is on the meta device: materialise the model "
+            "first (model.to_empty(device=...), then initialise its weights), then call sparsify"
+        )
+
+
 def sparsify(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -80,6 +90,7 @@ def sparsify(
     params = select_parameters(
         model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last
     )
+    _check_materialized(params)
     common = dict(
         sparsity=sparsity,
         total_steps=total_steps,

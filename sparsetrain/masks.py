@@ -1,8 +1,9 @@
 """The Sparsifier: owns one mask per sparse parameter and enforces it. Knows no paper.
 
-Masks are enforced in three places through the optimizer's public step hooks: gradients are masked
-before ``optimizer.step()``, weights after it, and every optimizer-state tensor of the weight's shape
-(SGD momentum, Adam moments) whenever a mask changes. Between mask changes, masked state stays
+Masks are enforced in three places: gradients where autograd produces them (a post-accumulate-grad
+hook per sparse weight, :mod:`sparsetrain.gradients`, so clipping, GradScaler and DDP see them
+masked), weights after ``optimizer.step()`` (its public step post-hook), and every optimizer-state
+tensor of the weight's shape (SGD momentum, Adam moments) whenever a mask changes. Between mask changes, masked state stays
 exactly zero by itself (its gradient and its weight are zero, so weight decay adds nothing), so
 re-masking it every step would be wasted work. Masks are held as float tensors and applied with
 ``torch._foreach_mul_``, the cheapest form measured; layers whose mask is all ones are skipped.
@@ -26,7 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from sparsetrain.drift import DriftWatch
 from sparsetrain.errors import CheckpointError, ConfigError
+from sparsetrain.gradients import GradientMasks
+from sparsetrain.inputs import ExampleInput
+from sparsetrain.ownership import claim, release, unwrap_optimizer
 
 if TYPE_CHECKING:
     from sparsetrain.kernels import KernelMode
@@ -66,12 +71,19 @@ class Sparsifier:
         # their structures then, and only then).
         self.mask_listeners: list[Callable[[str], None]] = []
         self.kernels: KernelMode | None = None  # execution mode, see sparsetrain.kernels
-        self.example_input: torch.Tensor | None = None
+        self.inputs: ExampleInput | None = None  # the first forward's inputs, one example
         self.batch_size: int | None = None
-        self._capture = model.register_forward_pre_hook(self._capture_input)
+        self.gradients = GradientMasks(self)
+        self.drift = DriftWatch(self)
+        self._capture = model.register_forward_pre_hook(self._capture_input, with_kwargs=True)
         self._refresh()
         if optimizer is not None:
             self.attach(optimizer)
+
+    @property
+    def example_input(self) -> torch.Tensor | None:
+        """The first positional input of the first forward, one example (zeros), if any."""
+        return None if self.inputs is None else self.inputs.first_tensor()
 
     # ------------------------------------------------------------------ masks
     @property
@@ -124,6 +136,7 @@ class Sparsifier:
         self._masks[name] = new_float
         self._density[name] = float(new.sum()) / max(1, new.numel())
         self._refresh()
+        self.drift.settle([name])
         for listener in self.mask_listeners:
             listener(name)
 
@@ -157,8 +170,9 @@ class Sparsifier:
     def mask_gradients(self) -> None:
         """Multiply every existing gradient of a sparse weight by its mask.
 
-        Gradients the sparse kernels report as already masked (``kernels.masked_grads()``: the
-        kernel wrote them for the current mask and nothing changed them since) are skipped.
+        Gradients are already masked as backward produces them; call this after writing to a
+        ``.grad`` by hand. Gradients the sparse kernels report as already masked
+        (``kernels.masked_grads()``) are skipped.
         """
         premasked = self.kernels.masked_grads() if self.kernels is not None else set()
         grads, masks = [], []
@@ -169,6 +183,29 @@ class Sparsifier:
                 masks.append(self._masks[name])
         if grads:
             torch._foreach_mul_(grads, masks)
+
+    def dense_grad(self, name: str) -> torch.Tensor | None:
+        """The unmasked gradient of ``name`` for the optimizer step in progress.
+
+        Kept only on steps whose method asked for it (``method.needs_dense_grad(t)``) and only
+        while the method's :meth:`~sparsetrain.methods.base.Method.before_step` runs: the sum over
+        the step's backward passes, averaged over ranks under torch.distributed, before clipping
+        or unscaling. None when the weight received no gradient.
+        """
+        return self.gradients.dense_grad(self._check_name(name))
+
+    def is_enforced(self, name: str) -> bool:
+        """Whether ``name``'s mask has zeros (full masks are skipped everywhere)."""
+        return self._density[name] < 1.0
+
+    def enforced_names(self) -> list[str]:
+        """The parameters whose masks have zeros."""
+        return self._enforced
+
+    def float_mask(self, name: str) -> torch.Tensor:
+        """The mask as the 0/1 tensor of the weight's dtype that enforcement multiplies by (do not
+        modify it)."""
+        return self._masks[name]
 
     def reset_optimizer_state(self, names: Iterable[str] | None = None) -> None:
         """Zero every weight-shaped optimizer state tensor (momentum, Adam moments) of ``names``.
@@ -187,24 +224,43 @@ class Sparsifier:
         return [t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == param.shape]
 
     # ------------------------------------------------------------------- hooks
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Enforce masks around ``optimizer.step()`` via its public step hooks."""
+    def attach(self, optimizer: Any) -> None:
+        """Enforce masks on gradients (per-weight hooks) and around ``optimizer.step()``.
+
+        A wrapper with an ``optimizer`` attribute (Accelerate's ``AcceleratedOptimizer``,
+        Lightning's ``LightningOptimizer``) is unwrapped to the optimizer that really steps. An
+        optimizer or weight that another live sparsifier already guards is refused.
+        """
+        optimizer = unwrap_optimizer(optimizer)
         self.detach()
+        claim(self, optimizer, self.params.values())
         self.optimizer = optimizer
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
+        self.gradients.attach()
+        self.drift.settle()
 
     def detach(self) -> None:
-        """Remove the optimizer hooks (masks stay as they are)."""
+        """Remove the optimizer and gradient hooks (masks stay as they are)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.gradients.detach()
+        release(self)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.gradients.before_step()
+        masks = dict(self._masks)
         skip = self.method is not None and self.method.before_step(self, self.step + 1)
-        self.mask_gradients()
+        self.gradients.after_method()
+        # A mask replaced by the method's update applies to this step's gradient at once.
+        changed = [n for n in self._enforced if self._masks[n] is not masks[n]]
+        grads = [(self.params[n].grad, self._masks[n]) for n in changed]
+        grads = [(g, m) for g, m in grads if g is not None]
+        if grads:
+            torch._foreach_mul_([g for g, _ in grads], [m for _, m in grads])
         if skip:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -217,13 +273,14 @@ class Sparsifier:
             self._density_sum[name] += density
         if self.method is not None:
             self.method.after_step(self, self.step)
+        self.drift.settle()
 
-    def _capture_input(self, module: nn.Module, args: tuple) -> None:
-        """Remember one example input (for FLOPs) and the batch size, on the first forward only."""
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
-            self.example_input = torch.zeros_like(args[0][:1])
-            self.batch_size = args[0].shape[0]
+    def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Remember one example's inputs (for FLOPs) and the batch size, on the first forward."""
         self._capture.remove()
+        self.inputs = ExampleInput.capture(args, kwargs)
+        if self.inputs is not None:
+            self.batch_size = self.inputs.batch_size
 
     def _refresh(self) -> None:
         self._enforced = [n for n, d in self._density.items() if d < 1.0]
@@ -241,10 +298,12 @@ class Sparsifier:
         return dict(self._density_sum)
 
     def report(self, example_input: torch.Tensor | None = None):  # noqa: ANN201 - see sparsetrain.report
-        """Per-layer target vs actual sparsity, and FLOPs when an example input is known."""
+        """Per-layer target vs actual sparsity (masks and weights), and FLOPs when the inputs of a
+        forward are known (the first training forward's, or ``example_input``)."""
         from sparsetrain.report.summary import summarize
 
-        return summarize(self, example_input if example_input is not None else self.example_input)
+        inputs = self.inputs if example_input is None else ExampleInput((example_input,), {})
+        return summarize(self, inputs)
 
     # ---------------------------------------------------------- export/state
     def use_subnet(self, index: int | float) -> None:
@@ -322,6 +381,7 @@ class Sparsifier:
                 self._density[name] = float(mask.sum()) / max(1, mask.numel())
                 param.mul_(self._masks[name])
         self._refresh()
+        self.drift.settle()
         for name in masks:
             for listener in self.mask_listeners:
                 listener(name)

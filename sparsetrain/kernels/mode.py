@@ -14,7 +14,7 @@ inference export with ``format="sparse-cpu"``.
 A layer's CSR structure is rebuilt lazily, at its first forward after the sparsifier reports
 that its mask was replaced (through ``sp.mask_listeners``; about 20 ms for a 4096x4096 mask at
 98% sparsity, 70 ms at 90%, 1 thread); values are gathered from the dense weight at every call.
-A method whose ``before_step`` reads gradients outside the mask answers
+A method that reads gradients outside the mask (``sp.dense_grad``) answers
 ``needs_dense_grad(t)`` with True for that step, and the weight gradients of step ``t`` are then
 computed densely (RigL's and AST's update steps); :meth:`KernelMode.dense_gradients` does the
 same on request.
@@ -192,6 +192,17 @@ class KernelMode:
             and layer.structure is not None
             and layer.grad_buffer.holds(self._modules[name].weight.grad, layer.structure)
         }
+
+    def premasked(self, name: str, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` (``name``'s ``.grad`` just accumulated) is the kernel's masked
+        gradient, untouched since (see :meth:`masked_grads`)."""
+        layer = self.layers.get(name)
+        return (
+            layer is not None
+            and not layer.dirty
+            and layer.structure is not None
+            and layer.grad_buffer.holds(grad, layer.structure)
+        )
 
     def wants_dense_grad(self) -> bool:
         """Whether the coming optimizer step must see full dense weight gradients."""

@@ -178,8 +178,7 @@ class AST(Method):
             )
         grads = {n: p.grad for n, p in sp.params.items() if p.grad is not None}
         if self.needs_dense_grad(t):
-            self._grow_grad = {n: g.detach().abs() for n, g in grads.items()}
-        sp.mask_gradients()
+            self._grow_grad = {n: sp.dense_grad(n).abs() for n in grads}
         if self.grad_correction:
             index, group = t - 1, self.inner_group_size
             previous = self.prev_grad if index % group != 0 and self.prev_grad else None

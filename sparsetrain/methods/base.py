@@ -4,8 +4,10 @@ A method receives the 1-based index ``t`` of the optimizer step explicitly (no h
 tied to the optimizer) and acts through a few hooks:
 
 * :meth:`Method.init_masks` once, before training;
-* :meth:`Method.before_step` with the gradients of step ``t`` (not yet masked); returning True
-  skips that optimizer update (RigL does this on mask-update steps);
+* :meth:`Method.before_step` with the gradients of step ``t`` (already masked; on steps where
+  :meth:`Method.needs_dense_grad` is True, ``sp.dense_grad(name)`` gives the unmasked ones);
+  returning True skips that optimizer update (RigL does this on mask-update steps). A mask it
+  replaces applies to that step's gradient at once;
 * :meth:`Method.after_step` after step ``t`` (weights already masked): scheduled mask updates.
 """
 
@@ -79,15 +81,15 @@ class Method:
         sp.set_masks(masks)
 
     def before_step(self, sp: Sparsifier, t: int) -> bool:
-        """Called with step ``t``'s raw gradients; return True to skip its optimizer update."""
+        """Called with step ``t``'s masked gradients; return True to skip its optimizer update."""
         return False
 
     def after_step(self, sp: Sparsifier, t: int) -> None:
         """Called after optimizer step ``t`` (1-based) with the weights already masked."""
 
     def needs_dense_grad(self, t: int) -> bool:
-        """True when :meth:`before_step` of step ``t`` reads gradients outside the mask (sparse
-        kernels then compute that step's weight gradients densely)."""
+        """True when step ``t`` reads gradients outside the mask (``sp.dense_grad``): they are
+        then kept as backward produces them, and sparse kernels compute them densely."""
         return False
 
     def state_dict(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ class DynamicSparse(Method):
 
     Subclasses call :meth:`configure_updates` from ``__init__`` and override :meth:`grow_score`
     (and :meth:`drop` for another drop rule). With ``uses_gradient`` the update runs in
-    ``before_step``, where the raw gradient of the step is the dense gradient w.r.t. the masked
+    ``before_step``, where ``sp.dense_grad`` holds the step's dense gradient w.r.t. the masked
     weight (no second backward); otherwise it runs after the optimizer step.
     """
 

@@ -3,8 +3,9 @@
 SET with one change: grow where the dense gradient is largest. Every ``update_every`` steps until
 ``end`` (75% of training by default) each layer drops the f(t) = alpha/2 (1 + cos(pi t / end))
 fraction of its active weights with the smallest magnitude and grows as many inactive positions
-with the largest |gradient of the loss w.r.t. the masked weight|. That gradient is the raw
-gradient the optimizer step pre-hook sees before masking, so it costs no extra backward pass.
+with the largest |gradient of the loss w.r.t. the masked weight|. That dense gradient is kept
+as backward produces it on the update steps only (``sp.dense_grad``: summed over accumulation
+micro-batches, averaged over ranks), so it costs no extra backward pass.
 As in the reference, the optimizer update of a mask-update step is skipped by default.
 """
 
@@ -52,8 +53,8 @@ class RigL(DynamicSparse):
         self.skip_update_step = bool(skip_update_step)
 
     def grow_score(self, sp: Sparsifier, name: str, t: int) -> torch.Tensor | None:
-        """|raw gradient| of step ``t``; a weight without a gradient keeps its mask."""
-        grad = sp.params[name].grad
+        """|dense gradient| of step ``t``; a weight without a gradient keeps its mask."""
+        grad = sp.dense_grad(name)
         if grad is None:
             log.debug("rigl step %d: %s has no gradient, mask left unchanged", t, name)
             return None

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from sparsetrain.errors import ConfigError
+from sparsetrain.inputs import ExampleInput
 
 __all__ = ["FlopsReport", "inference_flops", "training_flops_per_step"]
 
@@ -93,20 +94,24 @@ _FORMULAS = {
 
 def inference_flops(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | ExampleInput,
     masks: Mapping[str, torch.Tensor] | None = None,
 ) -> FlopsReport:
     """Count one forward of ``example_input`` (a batch of one) through ``model``, dense and sparse.
 
-    ``masks`` maps fully-qualified parameter names to masks (bool or 0/1) of the parameters'
-    shapes. The forward runs in eval mode under ``torch.no_grad``; every module's training flag is
-    restored afterwards.
+    ``example_input`` is a tensor (the model's one positional input) or an
+    :class:`~sparsetrain.inputs.ExampleInput` (positional and keyword inputs, as a Hugging
+    Face-style model is called). ``masks`` maps fully-qualified parameter names to masks (bool or
+    0/1) of the parameters' shapes. The forward runs in eval mode under ``torch.no_grad``; every
+    module's training flag is restored afterwards.
     """
-    if example_input.dim() == 0 or example_input.shape[0] != 1:
-        raise ConfigError(
-            "example_input must be a batch of one example (shape[0] == 1), "
-            f"got shape {tuple(example_input.shape)}"
-        )
+    if isinstance(example_input, torch.Tensor):
+        if example_input.dim() == 0 or example_input.shape[0] != 1:
+            raise ConfigError(
+                "example_input must be a batch of one example (shape[0] == 1), "
+                f"got shape {tuple(example_input.shape)}"
+            )
+        example_input = ExampleInput((example_input,), {}, 1)
     masks = dict(masks or {})
     weights = _WeightLookup(model, masks)
     tally = _Tally(type(model).__name__)
@@ -128,7 +133,7 @@ def inference_flops(
     model.eval()
     try:
         with torch.no_grad(), counter:
-            model(example_input)
+            example_input(model)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, flag in flags:

@@ -1,8 +1,9 @@
 """Per-layer target vs actual sparsity of a masked model.
 
-Actual sparsity is read from the masks, not from the weights: a kept weight may be exactly zero by
-chance, and with forward-time masking (nested sub-networks) the weights under a mask keep their
-dense values. The mask is what decides which weights take part in the computation.
+Actual sparsity is read from the masks: the mask decides which weights take part in the
+computation (a kept weight may be exactly zero by chance). Beside it, each row shows the weights'
+own fraction of zeros, so masks that are not being enforced (the optimizer that steps is not the
+sparsified one) show as weights denser than their masks instead of hiding behind the mask's number.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class LayerRow:
     target: float | None
     actual: float
     active: int
+    nonzero: int | None = None  # the weight's nonzero values (masks alone do not say)
+
+    @property
+    def weight_zeros(self) -> float | None:
+        """Fraction of the weight's values that are exactly zero."""
+        return None if self.nonzero is None else _fraction_zero(self.nonzero, self.numel)
 
 
 @dataclass
@@ -40,6 +47,19 @@ class SparsityReport:
     sparse_active: int
     total_params: int
     total_active: int
+    sparse_nonzero: int | None = None  # nonzero values of the sparse weights
+
+    @property
+    def weight_sparsity(self) -> float | None:
+        """Fraction of exactly-zero values among the sparse weights (what the weights say)."""
+        if self.sparse_nonzero is None:
+            return None
+        return _fraction_zero(self.sparse_nonzero, self.sparse_params)
+
+    @property
+    def unenforced(self) -> bool:
+        """True when the weights hold nonzeros where their masks are off."""
+        return self.sparse_nonzero is not None and self.sparse_nonzero > self.sparse_active
 
     @property
     def sparsity(self) -> float:
@@ -53,7 +73,10 @@ class SparsityReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: rows as dicts (shapes as lists) and every total."""
-        layers = [{**asdict(row), "shape": list(row.shape)} for row in self.rows]
+        layers = [
+            {**asdict(row), "shape": list(row.shape), "weight_zeros": row.weight_zeros}
+            for row in self.rows
+        ]
         return {
             "layers": layers,
             "sparse_params": self.sparse_params,
@@ -62,11 +85,13 @@ class SparsityReport:
             "total_params": self.total_params,
             "total_active": self.total_active,
             "overall_sparsity": self.overall_sparsity,
+            "sparse_nonzero": self.sparse_nonzero,
+            "weight_sparsity": self.weight_sparsity,
         }
 
     def format(self) -> str:
         """An aligned text table, one line per layer, then one totals line per scope."""
-        header = ("layer", "shape", "params", "active", "target", "actual")
+        header = ("layer", "shape", "params", "active", "target", "actual", "weights 0")
         body = [
             (
                 row.name,
@@ -75,6 +100,7 @@ class SparsityReport:
                 f"{row.active:,}",
                 "-" if row.target is None else f"{row.target:.2%}",
                 f"{row.actual:.2%}",
+                "-" if row.weight_zeros is None else f"{row.weight_zeros:.2%}",
             )
             for row in self.rows
         ]
@@ -92,6 +118,13 @@ class SparsityReport:
             f"all params:    {self.total_active:,} / {self.total_params:,} active,"
             f" sparsity {self.overall_sparsity:.2%}",
         ]
+        if self.weight_sparsity is not None:
+            totals.append(f"sparse weights: {self.weight_sparsity:.2%} of their values are zero")
+        if self.unenforced:
+            totals.append(
+                "WARNING: the weights hold nonzeros outside their masks: the masks are not being "
+                "enforced (is the optimizer that steps the one given to sparsify?)"
+            )
         return "\n".join([line(header), rule, *map(line, body), rule, *totals])
 
 
@@ -133,6 +166,7 @@ def sparsity_report(
             )
         active = int(torch.count_nonzero(mask))
         numel = param.numel()
+        nonzero = int(torch.count_nonzero(param.detach()))
         target = targets.get(name)
         rows.append(
             LayerRow(
@@ -142,6 +176,7 @@ def sparsity_report(
                 target=None if target is None else float(target),
                 actual=_fraction_zero(active, numel),
                 active=active,
+                nonzero=nonzero,
             )
         )
 
@@ -155,4 +190,5 @@ def sparsity_report(
         sparse_active=sparse_active,
         total_params=total_params,
         total_active=total_params - sparse_params + sparse_active,
+        sparse_nonzero=sum(row.nonzero for row in rows),
     )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from sparsetrain.inputs import ExampleInput
 from sparsetrain.report.flops import FlopsReport, inference_flops, training_flops_per_step
 from sparsetrain.report.sparsity import SparsityReport, sparsity_report
 
@@ -143,7 +144,7 @@ def build_report(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
     targets: Mapping[str, float] | None = None,
-    example_input: torch.Tensor | None = None,
+    example_input: torch.Tensor | ExampleInput | None = None,
     *,
     density_sum: Mapping[str, float] | None = None,
     steps: int = 0,
@@ -159,7 +160,9 @@ def build_report(
     )
     if example_input is None:
         return report
-    report.flops = inference_flops(model, example_input[:1], masks)
+    if isinstance(example_input, torch.Tensor):
+        example_input = example_input[:1]
+    report.flops = inference_flops(model, example_input, masks)
     if density_sum is not None and steps > 0 and batch_size:
         report.training_flops, report.training_flops_dense = _training_flops(
             model, report.flops, density_sum, steps, batch_size, dense_gradient_steps
@@ -167,7 +170,7 @@ def build_report(
     return report
 
 
-def summarize(sp: Sparsifier, example_input: torch.Tensor | None = None) -> Report:
+def summarize(sp: Sparsifier, example_input: ExampleInput | None = None) -> Report:
     """The report of a live Sparsifier (what ``sp.report()`` returns)."""
     return build_report(
         sp.model,
