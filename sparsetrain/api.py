@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from sparsetrain.errors import ConfigError
 from sparsetrain.kernels import KERNEL_MODES, use_kernels
 from sparsetrain.masks import Sparsifier
 from sparsetrain.methods import build_method
-from sparsetrain.select import select_parameters
+from sparsetrain.select import layer_overrides, select_parameters
 
 __all__ = ["sparsify"]
 
@@ -28,6 +28,16 @@ def _check_sparsity(method: str, sparsity: float | Sequence[float] | None) -> fl
             raise ConfigError("sparsity list is empty")
         return [mask_ops.check_sparsity(s) for s in sparsity]
     return mask_ops.check_sparsity(sparsity)
+
+
+def _check_density(value: float) -> float:
+    try:
+        density = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"min_density must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= density <= 1.0:
+        raise ConfigError(f"min_density must be in [0, 1], got {value!r}")
+    return density
 
 
 def _check_materialized(params: dict[str, nn.Parameter]) -> None:
@@ -55,6 +65,8 @@ def sparsify(
     dense_last: bool = False,
     seed: int = 0,
     erk_power: float = 1.0,
+    min_density: float = 0.01,
+    layer_sparsity: Mapping[str, float] | None = None,
     kernels: str = "dense",
     **options: Any,
 ) -> Sparsifier:
@@ -72,6 +84,11 @@ def sparsify(
         include / exclude / dense_first / dense_last: layer selection (see
             :func:`sparsetrain.select.select_parameters`).
         seed: seeds every random mask choice together with the tensor name and step.
+        min_density: no layer keeps fewer than this fraction of its weights, whatever the
+            distribution (a global top-k would otherwise empty small or low-magnitude layers);
+            a layer held at the floor is logged as a warning. 0 removes the floor.
+        layer_sparsity: ``{name glob: sparsity}``: exact sparsities for chosen layers; the
+            others follow the distribution at ``sparsity`` among themselves.
         kernels: ``dense`` (masked dense layers), ``sparse`` (Linear layers train on CSR
             kernels, faster from ~80-90% sparsity on large layers) or ``auto`` (each layer on
             whichever it measures faster); the training mathematics is the same in all three
@@ -98,6 +115,8 @@ def sparsify(
         distribution=distribution,
         seed=seed,
         erk_power=erk_power,
+        min_density=_check_density(min_density),
+        layer_sparsity=layer_overrides(layer_sparsity, list(params)),
     )
     policy = build_method(method, common, options)
     sp = Sparsifier(model, params, optimizer)

@@ -19,6 +19,7 @@ __all__ = [
     "check_sparsity",
     "drop_lowest",
     "drop_signed",
+    "floor_count",
     "generator_for",
     "global_topk",
     "grow_highest",
@@ -188,17 +189,40 @@ def generator_for(seed: int, name: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-def global_topk(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """One exact top-k over several tensors; returns a bool mask per name."""
+def global_topk(
+    scores: Mapping[str, torch.Tensor], k: int, floors: Mapping[str, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """One exact top-k over several tensors; returns a bool mask per name.
+
+    ``floors`` gives a minimum count per name: each tensor first keeps its own ``floor`` highest
+    entries (never more than it has above ``-inf``), then the rest of ``k`` is chosen over all.
+    The total stays exactly ``max(k, sum of floors)``.
+    """
     names = list(scores)
     flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
-    keep = topk_mask(flat, k)
+    if floors:
+        reserved = []
+        for n in names:
+            score = scores[n].detach().reshape(-1).float()
+            count = min(int(floors.get(n, 0)), int((score > -math.inf).sum()))
+            reserved.append(topk_mask(score, count))
+        floor_mask = torch.cat(reserved)
+        keep = grow_highest(flat, floor_mask, int(k) - int(floor_mask.sum()))
+    else:
+        keep = topk_mask(flat, k)
     out, offset = {}, 0
     for name in names:
         numel = scores[name].numel()
         out[name] = keep[offset : offset + numel].view_as(scores[name])
         offset += numel
     return out
+
+
+def floor_count(numel: int, min_density: float) -> int:
+    """Fewest weights a tensor of ``numel`` keeps under a density floor (one at least, if any)."""
+    if min_density <= 0.0 or numel == 0:
+        return 0
+    return max(1, n_keep(numel, 1.0 - min_density))
 
 
 def _channels_last_view(t: torch.Tensor) -> torch.Tensor:

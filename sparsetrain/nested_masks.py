@@ -23,12 +23,14 @@ def select_within(
     support: Mapping[str, torch.Tensor],
     k: int,
     prefer: Mapping[str, torch.Tensor] | None = None,
+    floors: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One top-``k`` over several tensors, restricted to ``support``.
 
-    Positions of ``prefer`` inside the support are taken first (a repair that moves as few
-    positions as possible), the rest by highest score. ``k`` is clipped to the support's size, so
-    the result has exactly ``min(k, |support|)`` ones.
+    Each tensor first keeps its ``floors`` count (within its support), then positions of
+    ``prefer`` inside the support are taken (a repair that moves as few positions as possible),
+    the rest by highest score. ``k`` is clipped to the support's size, so the result has exactly
+    ``min(k, |support|)`` ones (more only where the floors need them).
     """
     ranked = {}
     for name, score in scores.items():
@@ -37,7 +39,7 @@ def select_within(
             rank = torch.where(prefer[name] & support[name], math.inf, rank)
         ranked[name] = rank
     size = sum(int(s.sum()) for s in support.values())
-    return mask_ops.global_topk(ranked, min(int(k), size))
+    return mask_ops.global_topk(ranked, min(int(k), size), floors)
 
 
 def prune_regrow(

@@ -1,32 +1,51 @@
 """Which parameters of an arbitrary ``nn.Module`` are sparse.
 
-The default follows the field's convention: every weight with two or more dimensions (Linear,
-Conv1d/2d/3d, attention projections, RNN weight matrices, a user module's own matrices) is sparse;
-biases, norms (1-D) and embeddings stay dense. Names are fully-qualified, as in ``state_dict``.
+The default follows the field's convention: the weights of layers are sparse, that is every
+parameter with two or more dimensions whose own name contains ``weight`` (``nn.Linear``,
+``nn.Conv1d/2d/3d``, Hugging Face's ``Conv1D``, ``nn.MultiheadAttention``'s ``in_proj_weight``,
+RNN ``weight_ih_l0``/``weight_hh_l0``, a custom layer's ``weight``). Dense by default:
+
+* biases and norms (1-D);
+* embeddings (``nn.Embedding``/``nn.EmbeddingBag`` weights, and any parameter tied to one, such as
+  a language model's head): a lookup table computes nothing to save, and a pruned row is a token
+  the model can no longer represent;
+* free-standing tensors of other names: learned positional tables (``pos_embed``), class tokens,
+  relative-position bias tables, a custom module's ``W``. They are added to activations or looked
+  up rather than multiplied by them, so pruning them removes information, not compute.
+
+``include=`` makes any parameter sparse. Names are fully-qualified, as in ``state_dict``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from sparsetrain import mask_ops
 from sparsetrain.errors import ConfigError
 
-__all__ = ["select_parameters"]
+__all__ = ["layer_overrides", "select_parameters"]
 
-_DENSE_BY_DEFAULT = (nn.Embedding, nn.EmbeddingBag)
+log = logging.getLogger(__name__)
+
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
-def _owner_types(model: nn.Module) -> dict[str, type[nn.Module]]:
-    """Map each parameter's fully-qualified name to the type of the module that owns it."""
-    owners = {}
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            fqn = f"{module_name}.{param_name}" if module_name else param_name
-            owners[fqn] = type(module)
-    return owners
+def _embedding_tensors(model: nn.Module) -> set[int]:
+    """Ids of the parameters owned by an embedding anywhere in ``model`` (tied heads included)."""
+    return {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, _EMBEDDINGS)
+        for p in module.parameters(recurse=False)
+    }
+
+
+def _is_layer_weight(name: str) -> bool:
+    return "weight" in name.rpartition(".")[2]
 
 
 def _matching(globs: Sequence[str], names: Sequence[str], what: str) -> set[str]:
@@ -52,26 +71,29 @@ def select_parameters(
 
     Args:
         include: name globs; when given, exactly the parameters matching them are candidates
-            (any dimensionality), instead of the default ``ndim >= 2`` rule.
+            (any dimensionality), instead of the default rule (the module docstring).
         exclude: name globs of parameters to keep dense.
         dense_first / dense_last: keep the first / last selected parameter dense (papers often
             leave the stem conv and the classifier dense).
-        include_embeddings: make ``nn.Embedding`` weights sparse too.
+        include_embeddings: make ``nn.Embedding`` weights (and tensors tied to them) sparse too.
 
     A glob that matches no parameter is an error, so a typo cannot silently train a dense layer.
     """
-    owners = _owner_types(model)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     if include is not None:
         candidates = _matching(include, names, "include")
     else:
-        candidates = {
-            name
-            for name, p in model.named_parameters()
-            if p.requires_grad
-            and p.dim() >= 2
-            and (include_embeddings or not issubclass(owners[name], _DENSE_BY_DEFAULT))
-        }
+        embeddings = set() if include_embeddings else _embedding_tensors(model)
+        candidates, tables = set(), []
+        for name, p in model.named_parameters():
+            if not p.requires_grad or p.dim() < 2 or id(p) in embeddings:
+                continue
+            (candidates.add if _is_layer_weight(name) else tables.append)(name)
+        if tables:
+            log.info(
+                "dense by default (not a layer weight; include= makes them sparse): %s",
+                ", ".join(tables),
+            )
     candidates -= _matching(exclude, names, "exclude")
     ordered = [name for name in names if name in candidates]
     if dense_first and ordered:
@@ -80,3 +102,22 @@ def select_parameters(
         ordered = ordered[:-1]
     params = dict(model.named_parameters())
     return {name: params[name] for name in ordered}
+
+
+def layer_overrides(globs: Mapping[str, float] | None, names: list[str]) -> dict[str, float]:
+    """``{glob: sparsity}`` resolved to sparse parameter names (later globs win)."""
+    if not globs:
+        return {}
+    if not isinstance(globs, Mapping):
+        raise ConfigError(f"layer_sparsity must map name globs to sparsities, got {globs!r}")
+    out: dict[str, float] = {}
+    for pattern, value in globs.items():
+        hits = fnmatch.filter(names, str(pattern))
+        if not hits:
+            raise ConfigError(
+                f"layer_sparsity pattern {pattern!r} matches no sparse parameter; sparse "
+                f"parameters: {', '.join(names)}"
+            )
+        level = mask_ops.check_sparsity(value, f"layer_sparsity[{pattern!r}]")
+        out.update(dict.fromkeys(hits, level))
+    return out

@@ -30,7 +30,8 @@ class SubnetMasks:
     """All-ones masks for ``num_subnets`` sub-networks over ``params``.
 
     ``nm``: one (N, M) per sub-network for N:M masks on the tensors ``nm_layers`` (the others stay
-    dense); None for unstructured masks.
+    dense); None for unstructured masks. ``floors``: the fewest weights each tensor keeps in a
+    selection by one global count (the density floor).
     """
 
     def __init__(
@@ -41,8 +42,10 @@ class SubnetMasks:
         nested: bool = True,
         nm: Sequence[tuple[int, int]] | None = None,
         nm_layers: Sequence[str] = (),
+        floors: Mapping[str, int] | None = None,
     ) -> None:
         self.num_subnets = num_subnets
+        self.floors = dict(floors or {})
         self.nested = nested
         self.nm = None if nm is None else list(nm)
         self.nm_layers = list(nm_layers)
@@ -79,7 +82,7 @@ class SubnetMasks:
     # ---------------------------------------------------------------- changes
     def prune(self, i: int, magnitude: Masks, counts: int | dict[str, int]) -> None:
         """Keep the largest magnitudes inside the support: one global count or one per tensor."""
-        self._write(i, _select(magnitude, self.support(i), counts))
+        self._write(i, _select(magnitude, self.support(i), counts, floors=self.floors))
 
     def regrow(self, i: int, magnitude: Masks, grow_score: Masks, fraction: float) -> None:
         """Per tensor of ``grow_score``: drop ``fraction`` by smallest magnitude, regrow as many
@@ -126,7 +129,7 @@ class SubnetMasks:
             repaired = _select(magnitude, support, counts, prefer)
             if global_count:
                 total = min(_count(masks), _count(support))
-                repaired = select_within(magnitude, support, total, repaired)
+                repaired = select_within(magnitude, support, total, repaired, self.floors)
             self._write(i, repaired)
 
     def _write(self, i: int, masks: Masks) -> None:
@@ -155,11 +158,16 @@ def _count(masks: Masks) -> int:
 
 
 def _select(
-    magnitude: Masks, support: Masks, counts: int | dict[str, int], prefer: Masks | None = None
+    magnitude: Masks,
+    support: Masks,
+    counts: int | dict[str, int],
+    prefer: Masks | None = None,
+    floors: Mapping[str, int] | None = None,
 ) -> Masks:
-    """Largest magnitudes inside ``support``: one global count, or a count per tensor."""
+    """Largest magnitudes inside ``support``: one global count (each tensor keeping its floor),
+    or a count per tensor."""
     if isinstance(counts, int):
-        return select_within({n: magnitude[n] for n in support}, support, counts, prefer)
+        return select_within({n: magnitude[n] for n in support}, support, counts, prefer, floors)
     out: Masks = {}
     for name, count in counts.items():
         one = None if prefer is None else {name: prefer[name]}

@@ -55,10 +55,76 @@ def test_conv1d_and_depthwise_separable():
     assert names == ["depthwise.weight", "pointwise.weight", "head.weight"]
 
 
-def test_user_parameters_selected_embeddings_dense_by_default():
+def test_free_standing_matrices_and_embeddings_dense_by_default():
     model = WithOwnParameter()
-    assert list(select_parameters(model)) == ["proj"]
-    assert list(select_parameters(model, include_embeddings=True)) == ["proj", "embed.weight"]
+    assert list(select_parameters(model)) == []
+    assert list(select_parameters(model, include=["proj"])) == ["proj"]
+    assert list(select_parameters(model, include_embeddings=True)) == ["embed.weight"]
+
+
+class TinyViT(nn.Module):
+    """Free-standing Transformer tensors beside real layers: a custom layer's own ``weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 8))
+        self.relative_position_bias_table = nn.Parameter(torch.randn(9, 2))
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.qkv = CustomLinear(8, 24)
+        self.head = nn.Linear(8, 3)
+
+
+class CustomLinear(nn.Module):
+    """Like Hugging Face's Conv1D: a layer that is not nn.Linear, its matrix named ``weight``."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+
+def test_positional_tables_and_class_tokens_stay_dense():
+    names = list(select_parameters(TinyViT()))
+    assert names == ["patch.weight", "qkv.weight", "head.weight"]
+
+
+def test_a_head_tied_to_an_embedding_stays_dense():
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(8, 20, bias=False)  # registered first: its name comes first
+            self.embed = nn.Embedding(20, 8)
+            self.head.weight = self.embed.weight
+            self.mlp = nn.Linear(8, 8)
+
+    assert list(select_parameters(TiedLM())) == ["mlp.weight"]
+
+
+def test_layer_sparsity_globs_resolve_and_bad_ones_are_named():
+    model = DepthwiseSeparable()
+    sp = st.sparsify(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        sparsity=0.5,
+        layer_sparsity={"head.*": 0.25, "pointwise.*": 0.75},
+    )
+    assert sp.targets == {"depthwise.weight": 0.5, "pointwise.weight": 0.75, "head.weight": 0.25}
+    assert int(sp.mask("head.weight").sum()) == 48
+    with pytest.raises(st.ConfigError, match="'fc.*' matches no sparse parameter"):
+        st.sparsify(
+            nn.Linear(4, 4),
+            torch.optim.SGD([nn.Parameter(torch.ones(1))]),
+            sparsity=0.5,
+            layer_sparsity={"fc.*": 0.5},
+        )
+    with pytest.raises(st.ConfigError, match="layer_sparsity"):
+        st.sparsify(
+            nn.Linear(4, 4),
+            torch.optim.SGD([nn.Parameter(torch.ones(1))]),
+            sparsity=0.5,
+            layer_sparsity={"weight": 1.5},
+        )
 
 
 def test_first_last_dense_and_globs():

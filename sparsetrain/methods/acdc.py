@@ -165,8 +165,7 @@ class ACDC(Method):
                 for name, score in scores.items()
             }
         elif self.distribution == "global":
-            total = sum(s.numel() for s in scores.values())
-            masks = mask_ops.global_topk(scores, mask_ops.n_keep(total, self.sparsity))
+            masks = self.global_masks(sp, scores, self.sparsity)
             sp.targets = {name: 1.0 - float(k.sum()) / k.numel() for name, k in masks.items()}
         else:
             masks = {

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from sparsetrain import distributions, mask_ops
+from sparsetrain import mask_ops
 from sparsetrain.errors import CheckpointError, ConfigError, SparsetrainError
 from sparsetrain.grad_correction import project_conflicting
 from sparsetrain.methods.base import Method
@@ -158,8 +158,19 @@ class AST(Method):
             sp.model, self.num_subnets, share_first=self.share_first_bn, optimizer=sp.optimizer
         )
         nm_layers = nm_compatible(sp.params, self.nm, self.nm_skip_incompatible) if self.nm else []
+        if self.distribution == "global" and self.layer_sparsity:
+            raise ConfigError(
+                "ast: layer_sparsity overrides need distribution uniform or erk (the global "
+                "ramp prunes every layer by one count)"
+            )
+        floors = {n: mask_ops.floor_count(p.numel(), self.min_density) for n, p in sp.params.items()}
         self.subnets = SubnetMasks(
-            sp.params, self.num_subnets, nested=self.nested, nm=self.nm, nm_layers=nm_layers
+            sp.params,
+            self.num_subnets,
+            nested=self.nested,
+            nm=self.nm,
+            nm_layers=nm_layers,
+            floors=floors if self.distribution == "global" else None,
         )
         self.goals = [self._final_targets(sp, i) for i in range(self.num_subnets)]
         self._switch(sp, 0)
@@ -346,6 +357,7 @@ class AST(Method):
             dense = set(sp.params) - set(self.subnets.nm_layers)
             return {name: 0.0 if name in dense else 1.0 - n / m for name in sp.params}
         if self.distribution == "global":
-            weights = {name: p.detach() for name, p in sp.params.items()}
-            return distributions.global_magnitude(weights, self.sparsities[i])
+            scores = {name: p.detach().abs() for name, p in sp.params.items()}
+            masks = self.global_masks(sp, scores, self.sparsities[i])
+            return {n: 1.0 - float(m.sum()) / m.numel() for n, m in masks.items()}
         return self.layer_targets(sp, self.sparsities[i])

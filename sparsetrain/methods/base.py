@@ -13,6 +13,7 @@ tied to the optimizer) and acts through a few hooks:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from sparsetrain.masks import Sparsifier
 
 __all__ = ["Method"]
+
+log = logging.getLogger(__name__)
 
 
 class Method:
@@ -49,6 +52,8 @@ class Method:
         distribution: str | None,
         seed: int = 0,
         erk_power: float = 1.0,
+        min_density: float = 0.0,
+        layer_sparsity: dict[str, float] | None = None,
     ) -> None:
         self.sparsity = sparsity
         self.total_steps = total_steps
@@ -61,6 +66,9 @@ class Method:
             )
         self.seed = int(seed)
         self.erk_power = float(erk_power)
+        self.min_density = float(min_density)
+        self.layer_sparsity = dict(layer_sparsity or {})  # exact per-layer overrides, by name
+        self._floor_warned: set[str] = set()
         if self.needs_total_steps and not total_steps:
             raise ConfigError(
                 f"method {self.name!r} needs total_steps (its schedule spans training)"
@@ -109,9 +117,48 @@ class Method:
 
     # --------------------------------------------------------------- helpers
     def layer_targets(self, sp: Sparsifier, sparsity: float) -> dict[str, float]:
-        """Per-layer target sparsities of this method's distribution."""
+        """Per-layer target sparsities of this method's distribution, floor and overrides."""
         weights = {name: p.detach() for name, p in sp.params.items()}
-        return distributions.resolve(self.distribution, weights, sparsity, erk_power=self.erk_power)
+        targets = distributions.resolve(
+            self.distribution,
+            weights,
+            sparsity,
+            erk_power=self.erk_power,
+            min_density=self.min_density,
+            overrides=self.layer_sparsity,
+        )
+        self.warn_floored(sp, targets)
+        return targets
+
+    def global_masks(
+        self, sp: Sparsifier, scores: dict[str, torch.Tensor], sparsity: float, scale: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """One top-k of ``scores`` over all layers with this method's floor and overrides
+        (override sparsities multiplied by ``scale``, for a ramp on its way to them)."""
+        overrides = {n: s * scale for n, s in self.layer_sparsity.items() if n in scores}
+        masks = distributions.global_masks(
+            scores, sparsity, min_density=self.min_density, overrides=overrides
+        )
+        self.warn_floored(sp, {n: 1.0 - float(m.sum()) / m.numel() for n, m in masks.items()})
+        return masks
+
+    def warn_floored(self, sp: Sparsifier, sparsities: dict[str, float]) -> None:
+        """One warning per layer whose sparsity the density floor holds back."""
+        numels = {name: p.numel() for name, p in sp.params.items()}
+        held = [
+            n
+            for n in distributions.floored_layers(sparsities, numels, self.min_density)
+            if n not in self.layer_sparsity and n not in self._floor_warned
+        ]
+        if held:
+            self._floor_warned.update(held)
+            log.warning(
+                "%s: %s held at the density floor (min_density=%g); the overall sparsity may fall "
+                "short of the target (min_density=0 removes the floor)",
+                self.name,
+                ", ".join(held),
+                self.min_density,
+            )
 
     def epoch_of(self, t: int) -> float:
         """Fractional epoch at the end of step ``t``."""

@@ -222,7 +222,12 @@ class DSR(Method):
             )
         weights = {n: sp.params[n].detach() for n in self.names}
         targets = distributions.resolve(
-            self.distribution, weights, float(self.sparsity), erk_power=self.erk_power
+            self.distribution,
+            weights,
+            float(self.sparsity),
+            erk_power=self.erk_power,
+            min_density=self.min_density,
+            overrides={n: s for n, s in self.layer_sparsity.items() if n in weights},
         )
         sp.targets = {n: targets.get(n, 0.0) for n in sp.params}
         sp.set_masks(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sparsetrain import distributions, mask_ops
+from sparsetrain import mask_ops
 from sparsetrain.errors import ConfigError
 from sparsetrain.methods.base import Method
 from sparsetrain.methods.registry import register_method
@@ -80,8 +80,10 @@ class GMP(Method):
         """Dense masks; the targets shown in reports are the final per-layer sparsities."""
         sp.set_masks({name: torch.ones_like(p, dtype=torch.bool) for name, p in sp.params.items()})
         if self.scope == "global":
-            weights = {name: p.detach() for name, p in sp.params.items()}
-            sp.targets = distributions.global_magnitude(weights, self.ramp.final)
+            masks = self.global_masks(
+                sp, {name: p.detach().abs() for name, p in sp.params.items()}, self.ramp.final
+            )
+            sp.targets = {n: 1.0 - float(m.sum()) / m.numel() for n, m in masks.items()}
         else:
             sp.targets = self.layer_targets(sp, self.ramp.final)
         self._set_layer_ramps(sp.targets)
@@ -135,7 +137,5 @@ class GMP(Method):
             name: torch.where(sp.mask(name), p.detach().abs(), float("-inf"))
             for name, p in sp.params.items()
         }
-        total = sum(p.numel() for p in sp.params.values())
-        active = sum(int(sp.mask(name).sum()) for name in sp.params)
-        keep = min(active, mask_ops.n_keep(total, sparsity))
-        return mask_ops.global_topk(scores, keep)
+        scale = sparsity / self.ramp.final if self.ramp.final > 0 else 1.0
+        return self.global_masks(sp, scores, sparsity, scale=scale)

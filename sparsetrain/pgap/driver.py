@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from sparsetrain.methods.gap import DEFAULT_GROUPS, FINETUNE
 from sparsetrain.partitions import Partition, make_partition
 from sparsetrain.pgap.phase import endless_batches
 from sparsetrain.pgap.rounds import Rounds
-from sparsetrain.select import select_parameters
+from sparsetrain.select import layer_overrides, select_parameters
 from sparsetrain.train.distributed import (
     World,
     broadcast_tensors,
@@ -90,6 +90,7 @@ def _initial_model(
     device: torch.device,
     seed: int,
     select: dict[str, Any],
+    layer_sparsity: Mapping[str, float] | None = None,
 ) -> tuple[nn.Module, Sparsifier]:
     """The same random model on every rank, every sparse layer random at its ratio."""
     torch.manual_seed(seed)
@@ -100,6 +101,7 @@ def _initial_model(
     if not params:
         raise ConfigError("P-GaP: the model has no sparse weight (check include/exclude)")
     sp = Sparsifier(model, params)
+    method.layer_sparsity = layer_overrides(layer_sparsity, list(params))
     sp.targets = method.layer_targets(sp, method.sparsity)
     sp.set_masks(
         {
@@ -134,6 +136,8 @@ def pgap_train(
     dense_first: bool = False,
     dense_last: bool = False,
     erk_power: float = 1.0,
+    min_density: float = 0.01,
+    layer_sparsity: Mapping[str, float] | None = None,
     evaluate: Callable[[nn.Module], tuple[float, float]] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
@@ -159,6 +163,8 @@ def pgap_train(
             initial masks (default ``seed``). The global RNG is reseeded at every phase.
         include / exclude / dense_first / dense_last: which weights are sparse
             (:func:`sparsetrain.select.select_parameters`).
+        min_density / layer_sparsity: the per-layer floor and overrides of the ratios (as in
+            :func:`sparsetrain.sparsify`).
         evaluate: ``model -> (test loss, test accuracy)`` for the records, after every merge and
             every fine-tune epoch.
         on_record: called with each record (phase, round or epoch, step, losses, sparsity) as it
@@ -171,7 +177,7 @@ def pgap_train(
     device = world.device if world else torch.device(device)
     steps_per_epoch = max(1, len(data) // batch_size)
     common = dict(sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    common.update(distribution=distribution, erk_power=erk_power)
+    common.update(distribution=distribution, erk_power=erk_power, min_density=min_density)
     common["seed"] = seed if mask_seed is None else mask_seed
     method = build_method("gap", common, {**options, "parallel": True})
     explicit = method.groups is not None or method.partition_globs is not None
@@ -182,7 +188,7 @@ def pgap_train(
             f"(torchrun --nproc-per-node {kappa}), got {world.size}"
         )
     select = dict(include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last)
-    model, sp = _initial_model(model_fn, method, world, device, seed, select)
+    model, sp = _initial_model(model_fn, method, world, device, seed, select, layer_sparsity)
     globs = method.partition_globs
     partition = make_partition(sp.params, None if globs else kappa, globs)
     log.info(

@@ -102,6 +102,8 @@ class SparsityConfig:
     dense_first: bool = False  # keep the first sparse parameter dense
     dense_last: bool = False  # keep the last sparse parameter dense
     erk_power: float = 1.0
+    min_density: float = 0.01  # no layer keeps fewer than this fraction of its weights
+    layer_sparsity: dict[str, float] = field(default_factory=dict)  # {name glob: sparsity}
     seed: int | None = None  # mask seed; None: train.seed
     kernels: str = "dense"  # dense, sparse or auto: Linear layers on CSR kernels
     options: dict[str, Any] = field(default_factory=dict)  # method options (sparsetrain methods)
@@ -122,7 +124,7 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
-_FREE = {"model.options", "data.options", "sparsity.options"}  # mappings with any keys
+_FREE = {"model.options", "data.options", "sparsity.options", "sparsity.layer_sparsity"}  # mappings with any keys
 
 
 def _plain(value: Any) -> Any:

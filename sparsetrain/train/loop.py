@@ -263,6 +263,8 @@ def layer_kwargs(s: SparsityConfig) -> dict[str, Any]:
         "dense_first": s.dense_first,
         "dense_last": s.dense_last,
         "erk_power": s.erk_power,
+        "min_density": s.min_density,
+        "layer_sparsity": s.layer_sparsity,
     }
 
 
