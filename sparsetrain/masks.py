@@ -276,8 +276,16 @@ class Sparsifier:
         self.drift.settle()
 
     def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Remember one example's inputs (for FLOPs) and the batch size, on the first forward."""
-        self._capture.remove()
+        """Remember one example's inputs (for FLOPs) and the batch size, on the first forward.
+
+        The hook stays registered (a check per forward) rather than removing itself: removing a
+        hook inside a compiled forward breaks the graph for good.
+        """
+        if self.inputs is None:
+            self._record_inputs(args, kwargs)
+
+    @torch.compiler.disable
+    def _record_inputs(self, args: tuple, kwargs: dict[str, Any]) -> None:
         self.inputs = ExampleInput.capture(args, kwargs)
         if self.inputs is not None:
             self.batch_size = self.inputs.batch_size
@@ -325,7 +333,12 @@ class Sparsifier:
     def baked_copy(self) -> nn.Module:
         """Deep copy of the model with every sparse weight multiplied by its mask."""
         self._capture.remove()  # never copy our own hook (it would drag this object along)
-        model = copy.deepcopy(self.model)
+        try:
+            model = copy.deepcopy(self.model)
+        finally:
+            self._capture = self.model.register_forward_pre_hook(
+                self._capture_input, with_kwargs=True
+            )
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, mask in self._masks.items():

@@ -63,7 +63,8 @@ def digest(state) -> str:
 
 def instrumented(rank: int, grads: dict[int, str]):
     """build_state that signals rank 0 after step STOP and records the gradients that the
-    method's before_step sees at each mask-update step (all-reduced ones agree across ranks)."""
+    method's before_step sees at each epoch's end and the dense ones it ranks at each update step
+    (all-reduced ones agree across ranks)."""
 
     def build_state(cfg, data, device):
         state = BUILD_STATE(cfg, data, device)
@@ -71,6 +72,10 @@ def instrumented(rank: int, grads: dict[int, str]):
         before = method.before_step
 
         def before_step(sparsifier, t):
+            if method.needs_dense_grad(t):  # what the method ranks: the reduced dense gradient
+                grads[f"dense{t}"] = tensor_digest(
+                    {n: sparsifier.dense_grad(n) for n in sp.params}
+                )
             if t % STEPS_PER_EPOCH == 0:
                 grads[t] = tensor_digest({n: p.grad for n, p in sp.params.items()})
             return before(sparsifier, t)
@@ -91,7 +96,7 @@ def main(out: Path, methods: list[str]) -> None:
     report = {}
     for name in methods:
         straight = loop.train(config(name, out / name / "straight"))
-        grads: dict[int, str] = {}
+        grads: dict[int | str, str] = {}
         loop.build_state = instrumented(rank, grads)
         try:
             loop.train(config(name, out / name / "resumed"))

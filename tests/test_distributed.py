@@ -37,6 +37,8 @@ def test_two_processes_hold_identical_masks_and_weights_and_resume_exactly(tmp_p
         # the gradient the method sees at a mask update is the all-reduced one: equal on both
         # ranks although each computed its own on a different half of the batch
         assert first["grads"] and first["grads"] == second["grads"]
+        dense_steps = [k for k in first["grads"] if k.startswith("dense")]
+        assert bool(dense_steps) == (name == "rigl")  # RigL ranks dense gradients, AC/DC none
         run_dir = tmp_path / name / "resumed"
         records = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["epoch"] for r in records if "phase" not in r] == [1, 2, 3, 4, 5, 6]

@@ -104,7 +104,11 @@ class _KernelLayer:
             self.dirty = False
         return self.structure
 
+    @torch.compiler.disable
     def __call__(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """The layer's training forward: masked dense or CSR. Eager under ``torch.compile`` (one
+        graph break per layer): CSR kernels and their cached structures are not traceable, and
+        tracing them would guard on each layer's name and recompile for every layer."""
         weight, bias = module.weight, module.bias
         sp = self.mode.sp
         if (
