@@ -151,7 +151,10 @@ def test_list_methods_contains_baselines():
         ),
         ({"method": "dense", "sparsity": 0.5}, "sparsity must be 0"),
         ({"method": "static", "sparsity": 0.5, "total_steps": 0}, "total_steps must be a positive"),
-        ({"sparsity": 0.5, "total_steps": "abc"}, "total_steps must be an integer or None, got 'abc'"),
+        (
+            {"sparsity": 0.5, "total_steps": "abc"},
+            "total_steps must be an integer or None, got 'abc'",
+        ),
         ({"sparsity": 0.5, "steps_per_epoch": 2.5}, "steps_per_epoch must be an integer"),
         ({"sparsity": 0.5, "seed": "x"}, "seed must be an integer, got 'x'"),
         ({"sparsity": 0.5, "erk_power": "x"}, "erk_power must be a finite number, got 'x'"),
