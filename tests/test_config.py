@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from sparsetrain.errors import ConfigError
-from sparsetrain.train.config import Config, config_from_dict, load_config, resolve, save_config
+from sparsetrain.train.config import (
+    Config,
+    config_from_dict,
+    load_config,
+    parse_yaml,
+    resolve,
+    save_config,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -199,3 +206,10 @@ def test_numbers_are_read_the_way_people_write_them(text, tmp_path):
     assert load_config(None, [f"optimizer.lr={text}"]).optimizer.lr == 0.001
     assert load_config(write(tmp_path, f"optimizer: {{lr: {text}}}\n")).optimizer.lr == 0.001
     assert load_config(None, ["train.save_every=1e3"]).train.save_every == 1000
+
+
+def test_the_readme_config_reference_lists_every_key_with_its_default():
+    readme = (CONFIGS.parent / "README.md").read_text()
+    section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert parse_yaml(block) == Config().to_dict()
