@@ -1,10 +1,10 @@
 """Continue an interrupted run exactly: find its checkpoint, check it belongs to the run, restore.
 
 ``sparsetrain train --resume RUN_DIR_OR_CKPT`` reads the newest loadable checkpoint of a run
-directory (or the file given), refuses one from a different configuration (than the one asked
-for, or than the run directory's ``config.yaml``), rebuilds the run from
-its config and restores the saved state in the order that keeps everything consistent: masks and
-method state (``sp.load_state_dict``), weights, optimizer, lr scheduler, then the RNG states. The
+directory (or the file given), refuses one from a different configuration (than the one asked for,
+or than the run directory's ``config.yaml``), rebuilds the run from its config and restores the
+saved state in the order that keeps everything consistent: masks and method state
+(``sp.load_state_dict``), weights, optimizer, lr scheduler, then the RNG states. The
 run continues in its own directory; ``metrics.jsonl`` loses the records written after the
 checkpoint, which the resumed run writes again.
 
