@@ -93,7 +93,8 @@ def sparsify(
             kernels, faster from ~80-90% sparsity on large layers) or ``auto`` (each layer on
             whichever it measures faster); the training mathematics is the same in all three
             (see :mod:`sparsetrain.kernels`).
-        **options: method-specific options; unknown names are errors.
+        **options: method-specific options; unknown names, and values that do not fit the type
+            the method declares for them, are errors.
 
     Returns:
         The :class:`Sparsifier`, with ``masks``, ``report()``, ``state_dict()``, ``export()``.
@@ -101,9 +102,6 @@ def sparsify(
     sparsity = _check_sparsity(method, sparsity)
     if kernels not in KERNEL_MODES:
         raise ConfigError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNEL_MODES)}")
-    for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
-        if value is not None and int(value) <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     params = select_parameters(
         model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last
     )

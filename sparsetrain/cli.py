@@ -117,11 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume is None:
         config = _with_dirs(load_config(args.config, args.overrides), args.data_dir, args.out)
-        result = train(config)
+        result = train(config, overwrite=args.overwrite)
     else:
-        if args.out is not None:
+        if args.out is not None or args.overwrite:
             raise SparsetrainError(
-                "--out cannot be combined with --resume: a run resumes in its own directory"
+                f"{'--out' if args.out is not None else '--overwrite'} cannot be combined with "
+                "--resume: a run resumes in its own directory"
             )
         point = find_resume(args.resume)
         if args.config is None:  # the checkpoint's own config, with --set on top
@@ -275,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p, "override a config key, e.g. --set optimizer.lr=0.1 sparsity.sparsity=0.95")
     p.add_argument("--data-dir", help="dataset directory (sets data.dir)")
     p.add_argument("--out", help="run directory (sets train.out)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run directory that holds another run (deletes that run's "
+        "checkpoints, config, metrics and reports first)",
+    )
     p.add_argument(
         "--resume",
         metavar="RUN_DIR_OR_CKPT",

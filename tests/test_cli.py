@@ -83,12 +83,22 @@ def corrupt_checkpoint(tmp_path):
     return ["eval", str(path)]
 
 
+SYNTHETIC = ["train", "--set", "data.name=synthetic", "model.name=mlp"]
 BAD = {
     "unknown method": ["train", "--set", "sparsity.method=rigl2"],
     "unknown model": ["train", "--set", "model.name=resnet21"],
     "unknown option": ["train", "--set", "sparsity.options.zeta=0.3"],
     "unknown key": ["train", "--set", "optimizer.lr_rate=0.1"],
     "sparsity 1.5": ["train", "--set", "sparsity.sparsity=1.5"],
+    # on synthetic data, so that without these checks the run would start and fail inside
+    "option of the wrong type": [*SYNTHETIC, "sparsity.method=set", "sparsity.options.zeta=x"],
+    "int option not an int": [
+        *SYNTHETIC,
+        "sparsity.method=rigl",
+        "sparsity.options.update_every=a",
+    ],
+    "sparsity list, one network": [*SYNTHETIC, "sparsity.method=static", "sparsity.sparsity=[0.5]"],
+    "overwrite and resume": ["train", "--resume", "runs/x", "--overwrite"],
     "missing data dir": ["train", "--data-dir", "/nonexistent/fashion-mnist"],
     "missing config": ["train", "/nonexistent/run.yaml"],
     "missing checkpoint": ["eval", "/nonexistent/final.pt"],

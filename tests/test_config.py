@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from sparsetrain.errors import ConfigError
-from sparsetrain.train.config import Config, config_from_dict, load_config, resolve, save_config
+from sparsetrain.train.config import (
+    Config,
+    config_from_dict,
+    load_config,
+    parse_yaml,
+    resolve,
+    save_config,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -41,7 +48,7 @@ def test_shipped_configs_load(path):
 def test_file_then_overrides(tmp_path):
     path = write(
         tmp_path,
-        "optimizer: {lr: 0.2, nesterov: true}\ntrain:\n  epochs: 7\nsparsity: {method: static}\n",
+        "optimizer: {lr: 0.2, nesterov: true}\ntrain:\n  epochs: 7\nsparsity: {method: ast}\n",
     )
     config = load_config(
         path,
@@ -49,7 +56,7 @@ def test_file_then_overrides(tmp_path):
             "optimizer.lr=0.3",
             "train.batch_size=32",
             "sparsity.sparsity=[0.5, 0.75]",
-            "sparsity.options.sparse_init=true",
+            "sparsity.options.nested=true",
             "sparsity.dense=[fc2.*]",
             "data.name=synthetic",
             "data.options.num_samples=64",
@@ -59,7 +66,7 @@ def test_file_then_overrides(tmp_path):
     assert config.optimizer.lr == 0.3 and config.optimizer.nesterov is True
     assert config.train.epochs == 7 and config.train.batch_size == 32
     assert config.sparsity.sparsity == [0.5, 0.75]
-    assert config.sparsity.options == {"sparse_init": True}
+    assert config.sparsity.options == {"nested": True}
     assert config.sparsity.dense == ["fc2.*"]
     assert config.data.options == {"num_samples": 64}
     assert config.train.out == "runs/x"
@@ -166,6 +173,7 @@ def test_saved_config_reads_back_equal(tmp_path):
         load_config(
             None,
             [
+                "sparsity.method=ast",
                 "sparsity.sparsity=[0.5, 0.9]",
                 "lr_schedule.name=step",
                 "lr_schedule.milestones=[1, 2]",
@@ -174,3 +182,34 @@ def test_saved_config_reads_back_equal(tmp_path):
         )
     )
     assert load_config(save_config(config, tmp_path / "config.yaml")) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["sparsity.method=set", "sparsity.options.zeta=x"], "'sparsity.options.zeta'.*'set'.*'x'"),
+        (["sparsity.method=rigl", "sparsity.options.update_every=abc"], "integer, got 'abc'"),
+        (["sparsity.method=acdc", "sparsity.options.warmup=[1]"], "number or null, got \\[1\\]"),
+        (["sparsity.method=static", "sparsity.sparsity=[0.5, 0.8]"], "'static' takes one"),
+        (["train.seed=x"], "'train.seed' must be an integer, got 'x'"),
+        (["sparsity.erk_power=x"], "'sparsity.erk_power' must be a finite number, got 'x'"),
+        (["sparsity.seed=None"], "'sparsity.seed' must be an integer or null, got 'None'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_key_value_and_type(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "1.0e-3", "0.001", "+1e-3"])
+def test_numbers_are_read_the_way_people_write_them(text, tmp_path):
+    assert load_config(None, [f"optimizer.lr={text}"]).optimizer.lr == 0.001
+    assert load_config(write(tmp_path, f"optimizer: {{lr: {text}}}\n")).optimizer.lr == 0.001
+    assert load_config(None, ["train.save_every=1e3"]).train.save_every == 1000
+
+
+def test_the_readme_config_reference_lists_every_key_with_its_default():
+    readme = (CONFIGS.parent / "README.md").read_text()
+    section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert parse_yaml(block) == Config().to_dict()

@@ -151,6 +151,23 @@ def test_list_methods_contains_baselines():
         ),
         ({"method": "dense", "sparsity": 0.5}, "sparsity must be 0"),
         ({"method": "static", "sparsity": 0.5, "total_steps": 0}, "total_steps must be a positive"),
+        (
+            {"sparsity": 0.5, "total_steps": "abc"},
+            "total_steps must be an integer or None, got 'abc'",
+        ),
+        ({"sparsity": 0.5, "steps_per_epoch": 2.5}, "steps_per_epoch must be an integer"),
+        ({"sparsity": 0.5, "seed": "x"}, "seed must be an integer, got 'x'"),
+        ({"sparsity": 0.5, "erk_power": "x"}, "erk_power must be a finite number, got 'x'"),
+        (
+            {"method": "set", "sparsity": 0.5, "total_steps": 60, "zeta": "x"},
+            "option 'zeta' of method 'set' must be a finite number, got 'x'",
+        ),
+        (
+            {"method": "rigl", "sparsity": 0.5, "total_steps": 60, "update_every": "abc"},
+            "option 'update_every' of method 'rigl' must be an integer, got 'abc'",
+        ),
+        ({"method": "static", "sparsity": [0.5, 0.8]}, "'static' takes one sparsity.*list"),
+        ({"method": "static", "sparsity": [0.5]}, "'static' takes one sparsity.*list"),
     ],
 )
 def test_bad_input_is_a_clear_error(tiny_cnn, kwargs, message):

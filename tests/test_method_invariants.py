@@ -1,6 +1,7 @@
 """Invariants every registered method must keep; parametrized over the registry."""
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -78,3 +79,33 @@ def test_export_loads_strict_into_plain_model(name):
     fresh.eval()
     x = torch.randn(4, 1, 16, 16)
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_option_declares_its_type(name):
+    from sparsetrain.methods import get_method, option_types
+
+    untyped = [k for k, hint in option_types(get_method(name)).items() if hint is Any]
+    assert not untyped, f"{name}: annotate the options {untyped} in __init__"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_an_option_of_the_wrong_type_is_a_config_error_naming_it(name):
+    """One mechanism for every method: the value fits none of the declared types."""
+    from sparsetrain.methods import get_method, method_options
+
+    case = CASES[name]
+    for option in method_options(get_method(name)):
+        model = TinyCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        options = {**case["options"], option: {"bad": 1}}
+        with pytest.raises(st.ConfigError, match=rf"'{option}' of method '{name}' must be .*got"):
+            st.sparsify(
+                model,
+                opt,
+                method=name,
+                sparsity=case["sparsity"],
+                total_steps=STEPS,
+                steps_per_epoch=STEPS_PER_EPOCH,
+                **options,
+            )

@@ -278,3 +278,44 @@ def test_sigterm_to_the_cli_saves_and_exits_143(tmp_path):
     saved = ckpt.load_checkpoint(newest)
     assert saved["step"] >= STEPS_PER_EPOCH
     assert not (run_dir / "final.pt").exists()
+
+
+def test_a_checkpoint_of_another_config_in_the_run_directory_is_refused(stopped_run):
+    run_dir, _ = stopped_run
+    newest = ckpt.list_checkpoints(run_dir)[-1]
+    payload = ckpt.load_checkpoint(newest)
+    payload["config"]["sparsity"]["sparsity"] = 0.7  # same shapes, another run
+    ckpt.save_checkpoint(newest.with_name("step-00000014.pt"), payload)
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError) as error:
+        loop.train(resume=run_dir)
+    message = str(error.value)
+    assert f"not a checkpoint of the run in {run_dir}" in message
+    assert f"sparsity.sparsity: 0.7 in the checkpoint, 0.8 in {run_dir / 'config.yaml'}" in message
+    assert snapshot(run_dir) == before
+
+
+def test_resuming_an_older_checkpoint_drops_the_later_ones(stopped_run, monkeypatch):
+    run_dir, _ = stopped_run
+    older = ckpt.list_checkpoints(run_dir)[0]
+    signal_at(monkeypatch, 11)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        loop.train(resume=older)
+    names = [p.name for p in ckpt.list_checkpoints(run_dir)]
+    assert names == ["step-00000010.pt", "step-00000011.pt"]  # not step 13 of the old timeline
+    assert stopped.value.checkpoint.name == names[-1]
+
+
+@pytest.mark.parametrize("name", ["static", "acdc"])
+def test_a_run_resumed_at_its_end_reports_as_if_never_interrupted(name, tmp_path):
+    """The state a crash leaves between the end-of-training checkpoint and ``final.pt`` (for
+    AC/DC: inside the dense twin's training, which saves no checkpoint)."""
+    run_dir = tmp_path / "run"
+    loop.train(method_config(name, run_dir))
+    straight = json.loads((run_dir / "report.json").read_text())
+    for produced in ("final.pt", "report.json", "report.txt", "dense_twin.pt"):
+        (run_dir / produced).unlink(missing_ok=True)
+    resumed = loop.train(resume=run_dir)
+    assert json.loads((run_dir / "report.json").read_text()) == straight
+    assert straight["batch_size"] == BATCH and straight["training_flops"]
+    assert resumed.report.to_dict() == {k: straight[k] for k in resumed.report.to_dict()}

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from sparsetrain.errors import ConfigError
-from sparsetrain.train.config import Config, apply_overrides, config_from_dict
+from sparsetrain.train.config import Config, apply_overrides, config_from_dict, parse_yaml
 
 __all__ = ["KINDS", "Cell", "Grid", "Variant", "expand", "load_grid", "grid_from_dict"]
 
@@ -238,7 +238,7 @@ def load_grid(path: str | Path, *, quick: bool = False, overrides: Sequence[str]
     """Read a grid YAML file (see the module docstring)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"compare grid {path} not found") from None
     except yaml.YAMLError as error:

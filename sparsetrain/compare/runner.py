@@ -2,7 +2,8 @@
 
 Each cell is one :func:`sparsetrain.train.loop.train` call writing its own run directory under
 ``OUT/runs/``. Its results are appended to ``OUT/results.jsonl`` together, once the cell is done;
-a cell whose key is already there is skipped, so an interrupted grid resumes where it stopped.
+a cell whose key is already there is skipped, so an interrupted grid resumes where it stopped (a
+cell that did not finish starts over in its cleared run directory).
 A cell yields one record per model it produces: AC/DC its sparse model and its dense twin, AST
 each sub-network.
 
@@ -32,6 +33,7 @@ from sparsetrain.models.thin import thin_width_for
 from sparsetrain.report.flops import inference_flops, training_flops_per_step
 from sparsetrain.train.config import Config
 from sparsetrain.train.loop import RunResult, build_model_for, train
+from sparsetrain.train.rundir import clear_run
 
 __all__ = ["GridRun", "RESULTS", "load_records", "run_cell", "run_grid"]
 
@@ -251,6 +253,7 @@ def run_grid(
             outcome.skipped.append(cell.key)
             continue
         run_dir = out / "runs" / cell.key.replace("/", "_")
+        clear_run(run_dir)  # a cell not in the results never finished: it starts over
         try:
             new = run_cell(cell, grid, run_dir, trainer)
         except Exception as error:  # noqa: BLE001 - reported at the end, the grid goes on

@@ -6,9 +6,12 @@ import pkgutil
 from sparsetrain.methods.base import Method
 from sparsetrain.methods.registry import (
     build_method,
+    check_options,
+    check_sparsity_count,
     get_method,
     list_methods,
     method_options,
+    option_types,
     register_method,
 )
 
@@ -19,8 +22,11 @@ for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 __all__ = [
     "Method",
     "build_method",
+    "check_options",
+    "check_sparsity_count",
     "get_method",
     "list_methods",
     "method_options",
+    "option_types",
     "register_method",
 ]

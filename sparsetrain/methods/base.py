@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 class Method:
     """Base class of every sparse-training method; subclasses register with ``@register_method``.
 
-    Subclass options are keyword-only arguments of ``__init__`` after ``**common``; unknown option
-    names are rejected with the list of valid ones before the method is built.
+    Subclass options are keyword-only arguments of ``__init__`` after ``**common``, each with a
+    type hint: before the method is built, unknown names are rejected with the list of valid ones
+    and every value is checked against its hint (:func:`~sparsetrain.methods.build_method`). A
+    method with sub-networks (one that defines ``use_subnet``) takes a list of sparsities, one
+    per sub-network; every other method takes one.
     """
 
     name: ClassVar[str] = ""
@@ -55,6 +58,9 @@ class Method:
         min_density: float = 0.0,
         layer_sparsity: dict[str, float] | None = None,
     ) -> None:
+        for key, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         self.sparsity = sparsity
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch

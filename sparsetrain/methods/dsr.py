@@ -203,6 +203,8 @@ class DSR(Method):
             tuple(periods), tuple(self.steps_from(s, unit) for s in period_starts)
         )
         self.stop_step = None if stop is None else self.steps_from(stop, unit)
+        if self.stop_step is not None and self.stop_step < 1:
+            raise ConfigError(f"dsr: stop ({stop!r} {unit}) must come after the first step")
         self.paper_dense_layers = bool(paper_dense_layers)
         self.names: list[str] = []  # the reparameterized tensors, set by init_masks
         self.reparameterizations = 0

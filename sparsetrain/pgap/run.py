@@ -26,20 +26,22 @@ from sparsetrain.train.loop import (
     write_report,
 )
 from sparsetrain.train.optim import build_optimizer, lr_factor
+from sparsetrain.train.rundir import claim_run_dir, tidy_run_dir
 
 __all__ = ["run_pgap"]
 
 log = logging.getLogger(__name__)
 
 
-def run_pgap(config: Config) -> RunResult:
+def run_pgap(config: Config, overwrite: bool = False) -> RunResult:
     """``sparsetrain train`` for P-GaP (``sparsity.method: gap`` with ``options.parallel: true``).
 
     Under ``torchrun --nproc-per-node K`` each process is one of K workers (K groups); run as one
     process, the workers train one after another. ``train.epochs`` is one process's budget: the
     rounds, then the fine-tune. Only rank 0 writes the run directory, with the same files as the
     training loop; ``metrics.jsonl`` has a record per round (phase ``pgap_round``) and per
-    fine-tune epoch.
+    fine-tune epoch. Like the training loop it refuses a run directory holding another run
+    unless ``overwrite``.
     """
     config = resolve(config)
     device = torch.device(config.train.device)
@@ -53,12 +55,14 @@ def run_pgap(config: Config) -> RunResult:
         device = world.device
     if not main:
         logging.getLogger("sparsetrain").setLevel(logging.WARNING)
+    claim_run_dir(config.train.out, overwrite)
     seed_everything(config.train.seed, device)
     data = build_data(config)
     run_dir = Path(config.train.out)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        tidy_run_dir(run_dir, 0)
         save_config(config, run_dir / "config.yaml")
         metrics_path.write_text("")
         log.info("run directory %s", run_dir)

@@ -45,6 +45,7 @@ __all__ = [
     "checkpoint_step",
     "list_checkpoints",
     "load_checkpoint",
+    "remove_temporaries",
     "restore_rng",
     "save_checkpoint",
     "save_rotating",
@@ -59,6 +60,7 @@ _MAGIC = FORMAT.encode() + b" "
 _MAX_HEADER = 4096
 CHECKPOINT_DIR = "checkpoints"  # inside a run directory
 _STEP_NAME = re.compile(r"step-(\d+)\.pt")
+_TEMPORARY = ".*.pt.*.tmp"  # save_checkpoint's temporary files: .<name>.<random>.tmp
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
@@ -173,6 +175,17 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
+
+
+def remove_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of saves that a kill cut short, in ``run_dir`` and its
+    checkpoint folder; returns them. Only for a run (re)starting: no save is under way then."""
+    run_dir = Path(run_dir)
+    stale = [*run_dir.glob(_TEMPORARY), *(run_dir / CHECKPOINT_DIR).glob(_TEMPORARY)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted save", path)
+    return stale
 
 
 def save_rotating(run_dir: str | Path, checkpoint: dict[str, Any], step: int, keep: int) -> Path:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import re
 import time
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from sparsetrain.errors import ConfigError
+from sparsetrain.typecheck import conform
 
 __all__ = [
     "Config",
@@ -34,6 +34,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "load_config",
+    "parse_yaml",
     "resolve",
     "save_config",
 ]
@@ -162,53 +163,13 @@ def _check_keys(raw: Mapping[str, Any], where: str) -> None:
                 raise _unknown_key(f"{section}.{key}", where)
 
 
-# ------------------------------------------------------------------ typing
-def _conform(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the field's type hint; ints are accepted for floats."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _conform(value, arg, key)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"config key {key!r} needs {len(args)} values, got {value!r}")
-            return tuple(_conform(v, a, key) for v, a in zip(value, args, strict=True))
-        item = args[0] if args else Any
-        items = [_conform(v, item, key) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"config key {key!r} must be a mapping of names, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
-        return float(value)
-    if hint is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, got {value!r}")
-    return value
-
-
 def _section(section: str, body: Mapping[str, Any] | None) -> Any:
     cls = _SECTIONS[section]
     hints = typing.get_type_hints(cls)
-    values = {k: _conform(v, hints[k], f"{section}.{k}") for k, v in (body or {}).items()}
+    values = {
+        k: conform(v, hints[k], f"config key '{section}.{k}'", none="null")
+        for k, v in (body or {}).items()
+    }
     return cls(**values)
 
 
@@ -230,7 +191,7 @@ def _validate(config: Config) -> None:
     from sparsetrain.data import dataset_info, list_datasets
     from sparsetrain.distributions import DISTRIBUTIONS
     from sparsetrain.kernels import KERNEL_MODES
-    from sparsetrain.methods import get_method, list_methods, method_options
+    from sparsetrain.methods import check_options, check_sparsity_count, list_methods
     from sparsetrain.models import list_models
 
     _choice("model.name", config.model.name, list_models())
@@ -282,15 +243,8 @@ def _validate(config: Config) -> None:
     for level in levels:
         if not 0.0 <= level < 1.0:
             raise ConfigError(f"sparsity.sparsity must lie in [0, 1), got {level}")
-    valid = method_options(get_method(sp.method))
-    for option in sp.options:
-        if option not in valid:
-            close = difflib.get_close_matches(str(option), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"unknown option 'sparsity.options.{option}' for method {sp.method!r}{hint}; "
-                f"valid options: {', '.join(valid) or 'none'}"
-            )
+    check_sparsity_count(sp.method, sp.sparsity, "sparsity.sparsity")
+    check_options(sp.method, sp.options, prefix="sparsity.options.", none="null")
 
 
 # ------------------------------------------------------------------ public
@@ -308,12 +262,28 @@ def config_from_dict(raw: Mapping[str, Any] | None, where: str = "") -> Config:
     return config
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); people write numbers that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load``, except that ``1e-3``, ``5E4`` and ``1.0e3`` are numbers too."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects KEY=VALUE (e.g. optimizer.lr=0.1), got {item!r}")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({error})") from None
     return key.strip().split("."), value
@@ -358,7 +328,7 @@ def _read_yaml(path: Path) -> Any:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read config file {path}: {error}") from None
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""

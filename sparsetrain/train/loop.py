@@ -60,6 +60,7 @@ from sparsetrain.train.resume import (
     restore_run,
     trim_metrics,
 )
+from sparsetrain.train.rundir import claim_run_dir, tidy_run_dir
 from sparsetrain.train.sampler import EpochBatchSampler, epoch_generator
 from sparsetrain.train.signals import StopSignals
 
@@ -499,21 +500,37 @@ class TrainContext:
         return evaluate(model, self.data.test)
 
 
+def _report_training_input(sp: st.Sparsifier, data: Data, batch_size: int) -> None:
+    """FLOPs count training batches: take their example and size from the training data, not
+    from the first forward the sparsifier happened to see (none, or an evaluation batch, after a
+    resume; this process's share of the global batch under ``torchrun``)."""
+    x, _ = data.train.dataset[[0]]
+    sp.example_input = torch.zeros_like(x).to(_device_of(sp.model))
+    sp.batch_size = min(batch_size, len(data.train.dataset))
+
+
 def _with_out(config: Config, out: str | Path) -> Config:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, out=str(out)))
 
 
 def train(
-    config: Config | None = None, *, resume: str | Path | ResumePoint | None = None
+    config: Config | None = None,
+    *,
+    resume: str | Path | ResumePoint | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train ``config`` and write its run directory; see the module docstring.
 
     ``resume`` (a run directory, a checkpoint file or a :class:`ResumePoint`) continues that run
     in its own directory, ending bit for bit where an uninterrupted run would; ``config`` (None:
     the checkpoint's own) may differ from the checkpoint's only in ``RESUMABLE_KEYS`` of
-    :mod:`sparsetrain.train.resume`. Under ``torchrun`` every process calls this.
+    :mod:`sparsetrain.train.resume`. A new run refuses a directory that holds another run's
+    checkpoints unless ``overwrite`` (see :mod:`sparsetrain.train.rundir`). Under ``torchrun``
+    every process calls this.
     """
     point = None
+    if resume is not None and overwrite:
+        raise ConfigError("overwrite cannot be combined with resume: a resumed run keeps its own")
     if resume is not None:
         point = resume if isinstance(resume, ResumePoint) else find_resume(resume)
         config = _with_out(point.config() if config is None else config, point.run_dir)
@@ -525,20 +542,25 @@ def train(
             raise ConfigError("P-GaP runs cannot be resumed; start them again")
         from sparsetrain.pgap import run_pgap  # P-GaP trains one model copy per group
 
-        return run_pgap(config)
+        return run_pgap(config, overwrite=overwrite)
     if point is not None:
         check_same_run(point.config(), config, point.path)
     if config.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise SparsetrainError(f"train.device is {config.train.device} but CUDA is not available")
-    return _train(config, point, distributed.init_distributed(config.train.device))
+    world = distributed.init_distributed(config.train.device)
+    return _train(config, point, world, overwrite)
 
 
-def _train(config: Config, point: ResumePoint | None, world: distributed.World | None) -> RunResult:
+def _train(
+    config: Config, point: ResumePoint | None, world: distributed.World | None, overwrite: bool
+) -> RunResult:
     main = world is None or world.main
     if world is not None:  # the run directory's name may hold a timestamp: take rank 0's
         config = _with_out(config, distributed.broadcast_object(config.train.out))
         if not main:
             logging.getLogger("sparsetrain").setLevel(logging.WARNING)
+    if point is None:
+        claim_run_dir(config.train.out, overwrite)
     device = world.device if world else torch.device(config.train.device)
     seed_everything(config.train.seed, device)
     data = build_data(config, world)
@@ -553,6 +575,7 @@ def _train(config: Config, point: ResumePoint | None, world: distributed.World |
         metrics = trim_metrics(metrics_path, state.epoch, write=main)
     if main:  # created only once the run is known to start
         run_dir.mkdir(parents=True, exist_ok=True)
+        tidy_run_dir(run_dir, state.step)
         save_config(config, run_dir / "config.yaml")
         if point is None:
             metrics_path.write_text("")
@@ -589,8 +612,7 @@ def _train(config: Config, point: ResumePoint | None, world: distributed.World |
         )
         extras = dict(hook(ctx) or {}) if hook is not None else {}
     state.forward = None  # the DDP wrapper is the loop's, not the result's
-    if world is not None:
-        sp.batch_size = t.batch_size  # FLOPs count the global batch, not this process's share
+    _report_training_input(sp, data, t.batch_size)
     if extras:
         log.info("after training: %s", extras)
 

@@ -1,9 +1,10 @@
 """Continue an interrupted run exactly: find its checkpoint, check it belongs to the run, restore.
 
 ``sparsetrain train --resume RUN_DIR_OR_CKPT`` reads the newest loadable checkpoint of a run
-directory (or the file given), refuses one from a different configuration, rebuilds the run from
-its config and restores the saved state in the order that keeps everything consistent: masks and
-method state (``sp.load_state_dict``), weights, optimizer, lr scheduler, then the RNG states. The
+directory (or the file given), refuses one from a different configuration (than the one asked for,
+or than the run directory's ``config.yaml``), rebuilds the run from its config and restores the
+saved state in the order that keeps everything consistent: masks and method state
+(``sp.load_state_dict``), weights, optimizer, lr scheduler, then the RNG states. The
 run continues in its own directory; ``metrics.jsonl`` loses the records written after the
 checkpoint, which the resumed run writes again.
 
@@ -28,7 +29,7 @@ from sparsetrain.train.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from sparsetrain.train.config import Config, apply_overrides, config_from_dict
+from sparsetrain.train.config import Config, apply_overrides, config_from_dict, load_config
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -60,6 +61,7 @@ RESUMABLE_KEYS = frozenset(
         "train.skip_nonfinite",
     }
 )
+RUN_CONFIG = "config.yaml"  # the resolved config a run writes into its directory
 _TRAINING_STATE = ("model", "sparsifier", "optimizer", "scheduler", "epoch", "step", "progress")
 
 
@@ -90,7 +92,8 @@ def find_resume(path: str | Path) -> ResumePoint:
 
     In a run directory a newer checkpoint that fails verification is skipped with a warning (the
     older ones are kept for exactly this); a file given by name must verify. A finished run
-    (``final.pt`` present) is refused.
+    (``final.pt`` present) is refused, and so is a checkpoint whose config differs from the run
+    directory's ``config.yaml`` in a key that shapes the run (the error names each such key).
     """
     path = Path(path)
     if path.is_dir():
@@ -116,10 +119,26 @@ def find_resume(path: str | Path) -> ResumePoint:
             refused.append(str(error))
             continue
         _require_training_state(checkpoint, candidate)
+        _check_of_run(checkpoint, candidate, run_dir)
         if refused:
             log.warning("resuming from the older checkpoint %s", candidate)
         return ResumePoint(candidate, run_dir, checkpoint)
     raise CheckpointError(f"no loadable checkpoint in {run_dir}: {'; '.join(refused)}")
+
+
+def _check_of_run(checkpoint: Mapping[str, Any], path: Path, run_dir: Path) -> None:
+    """Refuse a checkpoint whose config is not the one of the run it would continue (the run
+    directory's ``config.yaml``, when there is one)."""
+    written = run_dir / RUN_CONFIG
+    if not written.is_file():
+        return
+    run = load_config(written)
+    mine = config_from_dict(checkpoint["config"], f" in checkpoint {path}")
+    differing, details = _differences(mine, run, f"in {written}")
+    if differing:
+        raise CheckpointError(
+            f"cannot resume from {path}: it is not a checkpoint of the run in {run_dir}: {details}"
+        )
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -133,19 +152,25 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_same_run(saved: Config, requested: Config, path: Path) -> None:
-    """Raise CheckpointError unless ``requested`` differs from ``saved`` only in RESUMABLE_KEYS."""
-    old, new = _flatten(saved.to_dict()), _flatten(requested.to_dict())
+def _differences(saved: Config, other: Config, where: str) -> tuple[list[str], str]:
+    """The keys outside RESUMABLE_KEYS where ``other`` differs from ``saved``, and in words."""
+    old, new = _flatten(saved.to_dict()), _flatten(other.to_dict())
     differing = [
         key
         for key in sorted(old.keys() | new.keys())
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key)
     ]
+    details = "; ".join(
+        f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} {where}" for key in differing
+    )
+    return differing, details
+
+
+def check_same_run(saved: Config, requested: Config, path: Path) -> None:
+    """Raise CheckpointError unless ``requested`` differs from ``saved`` only in RESUMABLE_KEYS."""
+    differing, details = _differences(saved, requested, "now")
     if not differing:
         return
-    details = "; ".join(
-        f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now" for key in differing
-    )
     hint = (
         " (a different length changes every step-based schedule: start a new run)"
         if "train.epochs" in differing
