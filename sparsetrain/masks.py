@@ -75,7 +75,9 @@ class Sparsifier:
         self.batch_size: int | None = None
         self.gradients = GradientMasks(self)
         self.drift = DriftWatch(self)
-        self._capture = model.register_forward_pre_hook(self._capture_input, with_kwargs=True)
+        self._capture: Any = model.register_forward_pre_hook(
+            _InputCapture(self), with_kwargs=True
+        )
         self._refresh()
         if optimizer is not None:
             self.attach(optimizer)
@@ -267,6 +269,8 @@ class Sparsifier:
                     p.grad = None
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.inputs is not None:
+            self._release_capture()
         self.apply_masks()
         self.step += 1
         for name, density in self._density.items():
@@ -275,20 +279,19 @@ class Sparsifier:
             self.method.after_step(self, self.step)
         self.drift.settle()
 
-    def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Remember one example's inputs (for FLOPs) and the batch size, on the first forward.
-
-        The hook stays registered (a check per forward) rather than removing itself: removing a
-        hook inside a compiled forward breaks the graph for good.
-        """
-        if self.inputs is None:
-            self._record_inputs(args, kwargs)
-
     @torch.compiler.disable
     def _record_inputs(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Remember one example's inputs (for FLOPs) and the batch size (first forward only)."""
         self.inputs = ExampleInput.capture(args, kwargs)
         if self.inputs is not None:
             self.batch_size = self.inputs.batch_size
+
+    def _release_capture(self) -> None:
+        """Drop the input-capture hook once it has done its work (outside any forward: a hook
+        removed inside a compiled forward breaks its graph for good)."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     def _refresh(self) -> None:
         self._enforced = [n for n, d in self._density.items() if d < 1.0]
@@ -332,12 +335,12 @@ class Sparsifier:
 
     def baked_copy(self) -> nn.Module:
         """Deep copy of the model with every sparse weight multiplied by its mask."""
-        self._capture.remove()  # never copy our own hook (it would drag this object along)
-        try:
-            model = copy.deepcopy(self.model)
-        finally:
+        capturing = self._capture is not None
+        self._release_capture()  # a plain copy: no hook of ours
+        model = copy.deepcopy(self.model)
+        if capturing and self.inputs is None:
             self._capture = self.model.register_forward_pre_hook(
-                self._capture_input, with_kwargs=True
+                _InputCapture(self), with_kwargs=True
             )
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -403,3 +406,21 @@ class Sparsifier:
         self._density_sum = dict(state.get("density_sum", dict.fromkeys(self.params, 0.0)))
         if self.method is not None:
             self.method.load_state_dict(state.get("method_state", {}))
+
+
+class _InputCapture:
+    """Forward pre-hook handing the first forward's inputs to its sparsifier.
+
+    A copy or pickle of the model (an EMA copy made before the first step, ``torch.save(model)``)
+    gets an inert hook instead of dragging the sparsifier along.
+    """
+
+    def __init__(self, sp: Sparsifier | None) -> None:
+        self.sp = sp
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self.sp is not None and self.sp.inputs is None:
+            self.sp._record_inputs(args, kwargs)
+
+    def __reduce__(self) -> tuple:
+        return (_InputCapture, (None,))

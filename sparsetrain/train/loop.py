@@ -45,6 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import sparsetrain as st
 from sparsetrain.data import DatasetInfo, dataset_info, load_dataset
 from sparsetrain.errors import ConfigError, SparsetrainError
+from sparsetrain.inputs import ExampleInput
 from sparsetrain.models import build_model
 from sparsetrain.report import plot_layer_sparsity, plot_training_curves
 from sparsetrain.report.summary import Report
@@ -505,8 +506,8 @@ def _report_training_input(sp: st.Sparsifier, data: Data, batch_size: int) -> No
     from the first forward the sparsifier happened to see (none, or an evaluation batch, after a
     resume; this process's share of the global batch under ``torchrun``)."""
     x, _ = data.train.dataset[[0]]
-    sp.example_input = torch.zeros_like(x).to(_device_of(sp.model))
     sp.batch_size = min(batch_size, len(data.train.dataset))
+    sp.inputs = ExampleInput((torch.zeros_like(x).to(_device_of(sp.model)),), {}, sp.batch_size)
 
 
 def _with_out(config: Config, out: str | Path) -> Config:
