@@ -49,10 +49,14 @@ class GradientMasks:
         self._marks: dict[str, tuple[weakref.ref, int]] = {}
         self._ready: dict[str, torch.Tensor] | None = None  # reduced, during the step pre-hook
         self._wants: tuple[int, bool] | None = None  # (step, method needs the dense gradient)
+        self._counter: str | None = None  # the weight whose hook counts backward passes
+        self._backwards = 0  # backward passes since the last step
 
     def attach(self) -> None:
         """Hook every sparse parameter that takes gradients."""
         self.detach()
+        trainable = [n for n, p in self.sp.params.items() if p.requires_grad]
+        self._counter = trainable[0] if trainable else None
         for name, param in self.sp.params.items():
             if param.requires_grad:
                 hook = functools.partial(self._on_grad, name)
@@ -81,6 +85,8 @@ class GradientMasks:
         if grad is None:
             return
         sp = self.sp
+        if name == self._counter:
+            self._backwards += 1
         sp.drift.on_backward(name, param)
         dense = self.wants_dense()
         if dense:
@@ -161,6 +167,11 @@ class GradientMasks:
                 "inside the step of a method whose needs_dense_grad(t) is True for that step"
             )
         return self._ready.get(name)
+
+    def take_backward_count(self) -> int:
+        """Backward passes seen since the last call (one per micro-batch of the step)."""
+        count, self._backwards = self._backwards, 0
+        return count
 
     def after_method(self) -> None:
         """Free this step's dense gradients (the method has used them)."""

@@ -65,6 +65,7 @@ class Sparsifier:
         }
         self._density = dict.fromkeys(self.params, 1.0)
         self._density_sum = dict.fromkeys(self.params, 0.0)
+        self.backward_passes = 0  # over all completed steps (micro-batches of accumulation)
         self._shadow: dict[str, torch.Tensor] | None = None
         self._handles: list[Any] = []
         # Called with a parameter's name whenever its mask is replaced (sparse kernels rebuild
@@ -273,6 +274,7 @@ class Sparsifier:
             self._release_capture()
         self.apply_masks()
         self.step += 1
+        self.backward_passes += max(1, self.gradients.take_backward_count())
         for name, density in self._density.items():
             self._density_sum[name] += density
         if self.method is not None:
@@ -304,6 +306,16 @@ class Sparsifier:
         return name
 
     # ------------------------------------------------------------ reporting
+    @property
+    def examples_per_step(self) -> int | None:
+        """Examples one optimizer step took: the batch size times the backward passes per step
+        (gradient accumulation), from the first forward's batch size."""
+        if self.batch_size is None:
+            return None
+        if self.step == 0:
+            return self.batch_size
+        return round(self.batch_size * self.backward_passes / self.step)
+
     def mean_density_steps(self) -> dict[str, float]:
         """Sum over completed steps of each layer's density (for training FLOPs)."""
         return dict(self._density_sum)
@@ -357,6 +369,7 @@ class Sparsifier:
             "masks": self.masks,
             "targets": dict(self.targets),
             "density_sum": dict(self._density_sum),
+            "backward_passes": self.backward_passes,
             "shadow": None
             if self._shadow is None
             else {n: t.clone() for n, t in self._shadow.items()},
@@ -404,6 +417,7 @@ class Sparsifier:
         self.step = int(state["step"])
         self.targets = dict(state["targets"])
         self._density_sum = dict(state.get("density_sum", dict.fromkeys(self.params, 0.0)))
+        self.backward_passes = int(state.get("backward_passes", self.step))
         if self.method is not None:
             self.method.load_state_dict(state.get("method_state", {}))
 

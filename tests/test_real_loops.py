@@ -425,3 +425,18 @@ def test_a_second_sparsifier_on_one_optimizer_is_refused_until_the_first_detache
     first.detach()
     second = st.sparsify(model, opt, method="static", sparsity=0.9)
     assert second.sparsity == pytest.approx(0.9, abs=1e-3)
+
+
+def test_training_flops_count_every_accumulated_micro_batch():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.sparsify(model, opt, method="static", sparsity=0.9)
+    for i, (x, y) in enumerate(batches(8, size=8), start=1):
+        F.cross_entropy(model(x), y).backward()
+        if i % 4 == 0:  # four micro-batches of 8 per step
+            opt.step()
+            opt.zero_grad()
+    report = sp.report()
+    assert sp.step == 2 and report.batch_size == 32
+    state = sp.state_dict()
+    assert state["backward_passes"] == 8

@@ -179,6 +179,6 @@ def summarize(sp: Sparsifier, example_input: ExampleInput | None = None) -> Repo
         example_input,
         density_sum=sp.mean_density_steps(),
         steps=sp.step,
-        batch_size=sp.batch_size,
+        batch_size=sp.examples_per_step,
         dense_gradient_steps=int(getattr(sp.method, "dense_gradient_steps", 0)),
     )
