@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsetrain import mask_ops
+from sparsetrain import distributions, mask_ops
 from sparsetrain.errors import ConfigError
 from sparsetrain.kernels import KERNEL_MODES, use_kernels
 from sparsetrain.masks import Sparsifier
 from sparsetrain.methods import build_method
+from sparsetrain.methods.registry import check_method
 from sparsetrain.select import layer_overrides, select_parameters
 
-__all__ = ["sparsify"]
+__all__ = ["check_sparsify_arguments", "sparsify"]
 
 
 def _check_sparsity(method: str, sparsity: float | Sequence[float] | None) -> float | list[float]:
@@ -122,3 +124,45 @@ def sparsify(
     policy.init_masks(sp)
     use_kernels(sp, kernels)
     return sp
+
+
+def check_sparsify_arguments(**kwargs: Any) -> dict[str, Any]:
+    """Check keyword arguments meant for :func:`sparsify` before a model or optimizer exists.
+
+    A training integration is configured long before its model, optimizer and run length are
+    known; checking here makes an unknown method or option, a value of the wrong type or a
+    sparsity out of range fail when the integration is built, not when training starts.
+    Checks that need the model (layer names) or the run's length (schedules against
+    ``total_steps``) are left to :func:`sparsify`. Returns the arguments as given.
+    """
+    for reserved in ("model", "optimizer"):
+        if reserved in kwargs:
+            raise ConfigError(f"{reserved!r} is not an argument here: it comes from the training loop")
+    try:
+        bound = inspect.signature(sparsify).bind(None, None, **kwargs)
+    except TypeError as error:
+        raise ConfigError(f"bad arguments for sparsify: {error}") from None
+    bound.apply_defaults()
+    args = bound.arguments
+    method = args["method"]
+    sparsity = _check_sparsity(method, args["sparsity"])
+    if args["kernels"] not in KERNEL_MODES:
+        raise ConfigError(
+            f"unknown kernels {args['kernels']!r}; choose one of {', '.join(KERNEL_MODES)}"
+        )
+    if args["distribution"] not in (None, *distributions.DISTRIBUTIONS):
+        raise ConfigError(
+            f"unknown distribution {args['distribution']!r}; "
+            f"choose one of {', '.join(distributions.DISTRIBUTIONS)}"
+        )
+    common = dict(
+        sparsity=sparsity,
+        total_steps=args["total_steps"],
+        steps_per_epoch=args["steps_per_epoch"],
+        distribution=args["distribution"],
+        seed=args["seed"],
+        erk_power=args["erk_power"],
+        min_density=_check_density(args["min_density"]),
+    )
+    check_method(method, common, args["options"])
+    return dict(kwargs)

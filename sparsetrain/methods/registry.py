@@ -21,6 +21,7 @@ from sparsetrain.typecheck import conform
 
 __all__ = [
     "build_method",
+    "check_method",
     "check_options",
     "check_sparsity_count",
     "get_method",
@@ -118,10 +119,21 @@ def check_options(
     }
 
 
-def build_method(name: str, common: dict[str, Any], options: dict[str, Any]) -> Method:
-    """Instantiate method ``name`` once its common arguments and options have been checked."""
-    cls = get_method(name)
+def check_method(
+    name: str, common: Mapping[str, Any], options: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(common, options)`` of method ``name`` checked against their declared types, without
+    building the method: what can be known before a model and the run's length exist (a training
+    integration checks its arguments at construction with it). Values that depend on the run's
+    length (schedules against ``total_steps``) are checked when the method is built."""
+    get_method(name)
     types = _signature_types(Method.__init__)
     common = {key: conform(value, types.get(key, Any), key) for key, value in common.items()}
     check_sparsity_count(name, common.get("sparsity"))
-    return cls(**common, **check_options(name, options))
+    return common, check_options(name, options)
+
+
+def build_method(name: str, common: dict[str, Any], options: dict[str, Any]) -> Method:
+    """Instantiate method ``name`` once its common arguments and options have been checked."""
+    common, options = check_method(name, common, options)
+    return get_method(name)(**common, **options)
