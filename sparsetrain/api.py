@@ -137,7 +137,9 @@ def check_sparsify_arguments(**kwargs: Any) -> dict[str, Any]:
     """
     for reserved in ("model", "optimizer"):
         if reserved in kwargs:
-            raise ConfigError(f"{reserved!r} is not an argument here: it comes from the training loop")
+            raise ConfigError(
+                f"{reserved!r} is not an argument here: it comes from the training loop"
+            )
     try:
         bound = inspect.signature(sparsify).bind(None, None, **kwargs)
     except TypeError as error:
