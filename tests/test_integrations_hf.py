@@ -14,6 +14,7 @@ from transformers import (
     GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
 )
 
@@ -45,7 +46,15 @@ class TokenData(torch.utils.data.Dataset):
 
 def gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -184,7 +193,60 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path, options):
         assert torch.equal(weight, resumed[1][name]), name
 
 
-def test_every_checkpoint_holds_the_verified_state(tmp_path):
+class RequestJitCheckpoint(TrainerCallback):
+    """Asks the Trainer's JIT checkpointing (its SIGTERM path) for a checkpoint after ``step``:
+    the Trainer then saves without calling any callback's ``on_save``."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            jit = next(
+                c
+                for c in self.trainer.callback_handler.callbacks
+                if getattr(c, "jit_manager", None)
+            )
+            jit.jit_manager.is_checkpoint_requested = True
+
+
+def test_resume_from_a_jit_checkpoint(tmp_path):
+    options = dict(method="rigl", sparsity=0.8, update_every=2)
+
+    def trainer_for(out):
+        callback = SparsityCallback(**options)
+        trainer = make_trainer(out, callbacks=[callback], enable_jit_checkpoint=True)
+        return trainer, callback
+
+    whole = final_state(*_trained(trainer_for(tmp_path / "whole")))
+    trainer, _ = trainer_for(tmp_path / "cut")
+    trainer.add_callback(RequestJitCheckpoint(trainer, 4))
+    trainer.train()
+    assert trainer.state.global_step == 5  # the step under way when the request came finishes
+    assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-4"]
+    trainer, callback = trainer_for(tmp_path / "cut")
+    trainer.train(resume_from_checkpoint=True)
+    resumed = final_state(trainer, callback)
+    for name, mask in whole[0].items():
+        assert torch.equal(mask, resumed[0][name]), name
+    for name, weight in whole[1].items():
+        assert torch.equal(weight, resumed[1][name]), name
+
+
+def _trained(pair):
+    pair[0].train()
+    return pair
+
+
+def test_every_checkpoint_holds_the_verified_state(tmp_path, monkeypatch):
+    # The state is on disk before the Trainer writes trainer_state.json, the checkpoint's last file.
+    original = TrainerState.save_to_json
+
+    def save_to_json(self, path):
+        assert (Path(path).parent / STATE_FILE).is_file()
+        return original(self, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
     callback = SparsityCallback(method="rigl", sparsity=0.8, update_every=3, export_compressed=True)
     trainer = make_trainer(
         tmp_path, callbacks=[callback], save_strategy="steps", save_steps=4, save_total_limit=2
@@ -207,7 +269,26 @@ def test_every_checkpoint_holds_the_verified_state(tmp_path):
         assert torch.equal(loaded[name], weight.detach())
 
 
-def test_accumulation_and_clipping(tmp_path):
+def test_checkpoint_elsewhere_is_named_with_resume_from(tmp_path):
+    options = dict(method="rigl", sparsity=0.8, update_every=2)
+    trainer = make_trainer(
+        tmp_path / "run",
+        callbacks=[SparsityCallback(**options), StopAt(6)],
+        save_strategy="steps",
+        save_steps=6,
+    )
+    trainer.train()
+    moved = tmp_path / "moved"
+    (tmp_path / "run" / "checkpoint-6").rename(moved)
+    with pytest.raises(st.CheckpointError, match=r"resume_from=\.\.\."):
+        make_trainer(tmp_path / "run", callbacks=[SparsityCallback(**options)]).train(str(moved))
+    callback = SparsityCallback(resume_from=moved, **options)
+    make_trainer(tmp_path / "run", callbacks=[callback]).train(str(moved))
+    assert callback.sparsifier.step == 12
+    assert_enforced(callback.sparsifier)
+
+
+def test_accumulation_clipping_bf16(tmp_path):
     seen = []
 
     class GradsAtStep(TrainerCallback):
@@ -224,8 +305,13 @@ def test_accumulation_and_clipping(tmp_path):
         num_train_epochs=2,
         gradient_accumulation_steps=3,
         max_grad_norm=0.05,
+        bf16=True,
     )
+    dtypes = set()
+    layer = trainer.model.transformer.h[0].mlp.c_fc
+    layer.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
     trainer.train()
+    assert dtypes == {torch.bfloat16}  # autocast was on
     sp = callback.sparsifier
     assert trainer.state.max_steps == sp.method.total_steps == 8
     assert sp.method.steps_per_epoch == 4
