@@ -57,7 +57,7 @@ def _pick_subnet(checkpoint: dict, subnet: int | float | None) -> dict:
     """The checkpoint of one AST sub-network (plain model keys); others pass through."""
     if subnet is None and checkpoint["sparsifier"].get("method") != "ast":
         return checkpoint
-    from sparsetrain.subnet_checkpoint import subnet_checkpoint
+    from sparsetrain.methods.ast.checkpoint import subnet_checkpoint
 
     return subnet_checkpoint(checkpoint, subnet)
 
@@ -112,7 +112,7 @@ def _format_extra(key: str, value: object) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sparsetrain.train.config import load_config
-    from sparsetrain.train.loop import train
+    from sparsetrain.train.entry import train
     from sparsetrain.train.resume import find_resume
 
     if args.resume is None:

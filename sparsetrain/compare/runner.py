@@ -1,6 +1,6 @@
 """Run a comparison grid cell by cell with the training loop, one JSON line per result.
 
-Each cell is one :func:`sparsetrain.train.loop.train` call writing its own run directory under
+Each cell is one :func:`sparsetrain.train.entry.train` call writing its own run directory under
 ``OUT/runs/``. Its results are appended to ``OUT/results.jsonl`` together, once the cell is done;
 a cell whose key is already there is skipped, so an interrupted grid resumes where it stopped (a
 cell that did not finish starts over in its cleared run directory).
@@ -32,7 +32,8 @@ from sparsetrain.errors import ConfigError, SparsetrainError
 from sparsetrain.models.thin import thin_width_for
 from sparsetrain.report.flops import inference_flops, training_flops_per_step
 from sparsetrain.train.config import Config
-from sparsetrain.train.loop import RunResult, build_model_for, train
+from sparsetrain.train.entry import train
+from sparsetrain.train.loop import RunResult, build_model_for
 from sparsetrain.train.rundir import clear_run
 
 __all__ = ["GridRun", "RESULTS", "load_records", "run_cell", "run_grid"]

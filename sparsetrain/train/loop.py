@@ -465,12 +465,12 @@ def run_epochs(
 
 @dataclass
 class TrainContext:
-    """What a method's ``after_training(ctx)`` hook receives: the seam for extra models.
+    """This loop's side of a method's ``after_training(run)`` hook
+    (:class:`sparsetrain.methods.base.TrainingRun`): the seam for extra models.
 
     After the main training, :func:`train` calls ``sp.method.after_training(ctx)`` if the method
-    defines it. The hook may train further (``ctx.run_epochs`` on a copy of ``ctx.state`` with its
-    own optimizer from :mod:`sparsetrain.train.optim`), evaluate any model (``ctx.evaluate``), and
-    write files into ``ctx.run_dir``. It returns a mapping of JSON-ready results (e.g.
+    defines it. The hook may evaluate any model (``evaluate``) and train a dense branch of the run
+    (``train_dense_branch``). It returns a mapping of JSON-ready results (e.g.
     ``{"dense_test_acc": 0.91}``) that lands in ``RunResult.extras``, ``report.json``, the final
     checkpoint's ``metrics`` and the log. Records of extra epochs go to ``metrics.jsonl`` tagged
     with ``phase``.
@@ -482,6 +482,21 @@ class TrainContext:
     run_dir: Path
     metrics_path: Path | None  # None on ranks other than 0, which write no files
     on_step: StepHook | None = None  # stops extra training on SIGTERM/SIGINT
+
+    @property
+    def model(self) -> nn.Module:
+        return self.state.model
+
+    @property
+    def sparsifier(self) -> st.Sparsifier:
+        return self.state.sparsifier
+
+    def train_dense_branch(
+        self, model: nn.Module, optimizer_state: dict[str, Any] | None, step: int, name: str
+    ) -> tuple[tuple[float, float], Path]:
+        from sparsetrain.train.branch import train_dense_branch
+
+        return train_dense_branch(self, model, optimizer_state, step, name)
 
     def run_epochs(self, state: TrainState, epochs: int, phase: str) -> list[dict[str, Any]]:
         t = self.config.train
@@ -538,12 +553,6 @@ def train(
     elif config is None:
         raise ConfigError("train() needs a config, or a run to resume")
     config = resolve(config)
-    if config.sparsity.method == "gap" and config.sparsity.options.get("parallel"):
-        if point is not None:
-            raise ConfigError("P-GaP runs cannot be resumed; start them again")
-        from sparsetrain.pgap import run_pgap  # P-GaP trains one model copy per group
-
-        return run_pgap(config, overwrite=overwrite)
     if point is not None:
         check_same_run(point.config(), config, point.path)
     if config.train.device.startswith("cuda") and not torch.cuda.is_available():

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from sparsetrain.errors import SparsetrainError
-from sparsetrain.pgap.driver import pgap_train
+from sparsetrain.methods.gap.parallel.driver import pgap_train
 from sparsetrain.train import distributed
 from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
 from sparsetrain.train.config import Config, resolve, save_config
