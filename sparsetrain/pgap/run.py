@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sparsetrain import tasks
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.pgap.driver import pgap_train
 from sparsetrain.train import distributed
@@ -91,6 +92,7 @@ def run_pgap(config: Config) -> RunResult:
         seed=config.train.seed,
         mask_seed=s.seed,
         device=device,
+        loss_fn=tasks.loss,
         evaluate=(lambda model: evaluate(model, data.test)) if main else None,
         on_record=on_record,
         **layer_kwargs(s),
