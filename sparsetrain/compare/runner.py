@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from sparsetrain.compare.grid import Cell, Grid, expand
@@ -81,7 +80,7 @@ def _dense_reference(config: Config) -> tuple[int, int]:
         info = dataset_info(config.data.name, **config.data.options)
         wide = replace(config, model=replace(config.model, width=1.0))
         model = build_model_for(wide, info)
-        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+        example = info.example_input()
         params = sum(p.numel() for p in model.parameters())
         _REFERENCES[key] = params, inference_flops(model, example).dense
     return _REFERENCES[key]

@@ -17,6 +17,7 @@ from torch import nn
 import sparsetrain as st
 from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
 from sparsetrain.train.optim import build_optimizer, lr_factor
+from sparsetrain.train.state import TrainState
 
 if TYPE_CHECKING:
     from sparsetrain.train.loop import TrainContext
@@ -33,8 +34,6 @@ def train_dense_branch(
 ) -> tuple[tuple[float, float], Path]:
     """Train ``model`` densely from step ``step`` to the end of ``ctx``'s run; evaluate it and
     save it as ``<run_dir>/<name>.pt`` (its records go to metrics.jsonl with phase ``name``)."""
-    from sparsetrain.train.loop import TrainState
-
     config, data = ctx.config, ctx.data
     steps_per_epoch = len(data.train)
     total = config.train.epochs * steps_per_epoch
