@@ -35,7 +35,7 @@ from sparsetrain.ownership import claim, release, unwrap_optimizer
 
 if TYPE_CHECKING:
     from sparsetrain.kernels import KernelMode
-    from sparsetrain.methods.base import Method
+    from sparsetrain.policy import Policy
 
 __all__ = ["Sparsifier"]
 
@@ -56,7 +56,7 @@ class Sparsifier:
         self.model = model
         self.params: dict[str, nn.Parameter] = dict(params)
         self.targets: dict[str, float] = dict.fromkeys(self.params, 0.0)
-        self.method: Method | None = None
+        self.method: Policy | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.step = 0
         self._masks = {

@@ -10,10 +10,13 @@ Keys: ``sparsity`` (float, or list for nested sub-networks), ``options`` (method
 as in AST).
 """
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 import sparsetrain as st
+from sparsetrain import tasks
 from tests.conftest import TinyCNN
 
 STEPS = 60
@@ -49,11 +52,31 @@ CASES: dict[str, dict] = {
 }
 
 
-def run_case(name: str, optimizer_name: str = "sgd", steps: int = STEPS, seed: int = 0, **extra):
-    """Train ``TinyCNN`` with method ``name``'s case; returns model, optimizer, sparsifier and
-    the masks after every step. ``extra`` goes to ``sparsify`` (e.g. ``kernels="sparse"``)."""
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def image_batch(g: torch.Generator) -> Batch:
+    """16 random 16x16 images with 4 random labels: the inputs of ``TinyCNN``."""
+    return torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+
+def run_case(
+    name: str,
+    optimizer_name: str = "sgd",
+    steps: int = STEPS,
+    seed: int = 0,
+    model_fn: Callable[[], nn.Module] = TinyCNN,
+    batch_fn: Callable[[torch.Generator], Batch] = image_batch,
+    sparsity: float | list[float] | None = None,
+    attach: Callable[[torch.optim.Optimizer, st.Sparsifier], None] | None = None,
+    **extra,
+):
+    """Train ``model_fn()`` (``TinyCNN``) on ``batch_fn`` batches with method ``name``'s case;
+    returns model, optimizer, sparsifier and the masks after every step. ``sparsity`` (None: the
+    case's) and ``extra`` go to ``sparsify`` (e.g. ``kernels="sparse"``), ``extra`` over the
+    case's options. ``attach(optimizer, sparsifier)`` runs before the first step (to add hooks)."""
     torch.manual_seed(seed)
-    model = TinyCNN()
+    model = model_fn()
     if optimizer_name == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     else:
@@ -63,20 +86,20 @@ def run_case(name: str, optimizer_name: str = "sgd", steps: int = STEPS, seed: i
         model,
         opt,
         method=name,
-        sparsity=case["sparsity"],
+        sparsity=case["sparsity"] if sparsity is None else sparsity,
         total_steps=STEPS,
         steps_per_epoch=STEPS_PER_EPOCH,
         seed=seed,
-        **extra,
-        **case["options"],
+        **{**case["options"], **extra},
     )
+    if attach is not None:
+        attach(opt, sp)
     g = torch.Generator().manual_seed(seed)
     history = []
     for _ in range(steps):
-        x = torch.randn(16, 1, 16, 16, generator=g)
-        y = torch.randint(0, 4, (16,), generator=g)
+        x, y = batch_fn(g)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        tasks.loss(model(x), y).backward()
         opt.step()
         history.append(sp.masks)
     return model, opt, sp, history

@@ -12,10 +12,10 @@ from torch import nn
 
 import sparsetrain as st
 from sparsetrain import cli, mask_ops
-from sparsetrain.grad_correction import project_conflicting
-from sparsetrain.nested_masks import is_nested
-from sparsetrain.subnet_checkpoint import subnet_checkpoint
-from sparsetrain.switchable_bn import SwitchableBatchNorm
+from sparsetrain.methods.ast.checkpoint import subnet_checkpoint
+from sparsetrain.methods.ast.grad_correction import project_conflicting
+from sparsetrain.methods.ast.nested_masks import is_nested
+from sparsetrain.methods.ast.switchable_bn import SwitchableBatchNorm
 from tests.conftest import TinyCNN
 
 STEPS = 60

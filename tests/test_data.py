@@ -49,7 +49,7 @@ def write_idx_split(
 
 
 def test_registry_and_info() -> None:
-    assert list_datasets() == ["fashion_mnist", "mnist", "cifar10", "synthetic"]
+    assert list_datasets() == ["fashion_mnist", "mnist", "cifar10", "synthetic", "text"]
     assert dataset_info("fashion_mnist") == DatasetInfo("fashion_mnist", 1, 28, 10)
     assert dataset_info("mnist") == DatasetInfo("mnist", 1, 28, 10)
     assert dataset_info("cifar10") == DatasetInfo("cifar10", 3, 32, 10)

@@ -11,15 +11,15 @@ import sparsetrain as st
 from sparsetrain import mask_ops
 from sparsetrain.distributions import global_magnitude
 from sparsetrain.methods import build_method
-from sparsetrain.methods.gap import gap_phases
-from sparsetrain.models import build_model
-from sparsetrain.partitions import (
+from sparsetrain.methods.gap.method import gap_phases
+from sparsetrain.methods.gap.partitions import (
     by_count,
     by_globs,
     layer_state_keys,
     make_partition,
     norm_owners,
 )
+from sparsetrain.models import build_model
 from sparsetrain.train.config import load_config
 from tests.conftest import TinyCNN
 

@@ -8,8 +8,10 @@ from torch import nn
 
 from sparsetrain.errors import ConfigError
 from sparsetrain.models import build_model, list_models, register_model, registry
+from sparsetrain.tasks import CLASSIFICATION, LANGUAGE_MODEL
 
 INPUTS = [(1, 28), (3, 32)]  # (in_channels, image_size): Fashion-MNIST, CIFAR
+IMAGE_MODELS = list_models(CLASSIFICATION)  # the language model has tests of its own
 
 
 def n_params(model: nn.Module) -> int:
@@ -22,7 +24,7 @@ def test_builtin_models_are_registered() -> None:
     assert list_models() == sorted(list_models())
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize(("in_channels", "image_size"), INPUTS)
 def test_forward_shape(name: str, in_channels: int, image_size: int) -> None:
     torch.manual_seed(0)
@@ -37,8 +39,9 @@ def test_forward_shape(name: str, in_channels: int, image_size: int) -> None:
 
 @pytest.mark.parametrize("name", list_models())
 def test_half_width_has_fewer_parameters(name: str) -> None:
-    full = n_params(build_model(name, in_channels=3, image_size=32))
-    half = n_params(build_model(name, in_channels=3, image_size=32, width=0.5))
+    in_channels = 3 if name in IMAGE_MODELS else 1
+    full = n_params(build_model(name, in_channels=in_channels, image_size=32))
+    half = n_params(build_model(name, in_channels=in_channels, image_size=32, width=0.5))
     assert half < full
 
 
@@ -177,7 +180,7 @@ def test_readable_state_dict_names() -> None:
 
 def test_first_and_last_parameters_are_stem_and_classifier() -> None:
     """Module order matters: 'keep first/last layer dense' picks them by registration order."""
-    for name in list_models():
+    for name in IMAGE_MODELS:
         weights = [k for k, p in build_model(name).named_parameters() if p.dim() >= 2]
         assert weights[-1].startswith("fc"), name
         assert weights[0] in {"fc1.weight", "features.0.weight", "conv1.weight"}, name
@@ -190,6 +193,7 @@ def test_small_cnn_has_batchnorm() -> None:
 
 def test_register_custom_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
 
     @register_model("tiny")
     def tiny(
@@ -205,3 +209,16 @@ def test_register_custom_model(monkeypatch: pytest.MonkeyPatch) -> None:
         register_model("tiny")(tiny)
     with pytest.raises(TypeError, match="width"):
         register_model("broken")(lambda *, in_channels, num_classes, image_size: nn.Identity())
+
+
+def test_models_are_registered_for_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    register_model("tiny_lm", task=LANGUAGE_MODEL)(lambda **kwargs: nn.Identity())
+    assert "tiny_lm" in list_models(LANGUAGE_MODEL) and "tiny_lm" not in IMAGE_MODELS
+    assert registry.model_task("tiny_lm") == LANGUAGE_MODEL
+    assert registry.model_task("resnet20") == CLASSIFICATION
+    with pytest.raises(ConfigError, match="unknown task 'regression'"):
+        register_model("tiny_reg", task="regression")
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        registry.model_task("nope")

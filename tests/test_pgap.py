@@ -14,8 +14,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 import sparsetrain as st
 from sparsetrain import mask_ops
-from sparsetrain.partitions import by_globs, layer_state_keys
-from sparsetrain.pgap import merge_workers, pgap_train
+from sparsetrain.methods.gap.parallel import merge_workers, pgap_train
+from sparsetrain.methods.gap.partitions import by_globs, layer_state_keys
 from sparsetrain.train.distributed import tensor_digest as tensor_hash
 from tests.conftest import TinyCNN
 

@@ -314,6 +314,12 @@ def test_training_curves_from_records_add_a_sparsity_panel(tmp_path):
     assert png_size(with_sparsity)[0] > png_size(plain)[0]
 
 
+def test_training_curves_of_a_language_model_add_a_bits_per_byte_panel(tmp_path):
+    lm = [{**r, "test_bpb": None if "test_acc" not in r else 3.0 - r["epoch"]} for r in RECORDS]
+    with_bpb = plot_training_curves(lm, tmp_path / "lm.png")
+    assert png_size(with_bpb)[0] > png_size(plot_training_curves(RECORDS, tmp_path / "c.png"))[0]
+
+
 def test_training_curves_from_jsonl_skip_missing_keys(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps(r) for r in RECORDS] + ["", json.dumps({"step": 13, "lr": 0.01})]

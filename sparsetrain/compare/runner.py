@@ -1,6 +1,6 @@
 """Run a comparison grid cell by cell with the training loop, one JSON line per result.
 
-Each cell is one :func:`sparsetrain.train.loop.train` call writing its own run directory under
+Each cell is one :func:`sparsetrain.train.entry.train` call writing its own run directory under
 ``OUT/runs/``. Its results are appended to ``OUT/results.jsonl`` together, once the cell is done;
 a cell whose key is already there is skipped, so an interrupted grid resumes where it stopped (a
 cell that did not finish starts over in its cleared run directory).
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from sparsetrain.compare.grid import Cell, Grid, expand
@@ -32,7 +31,8 @@ from sparsetrain.errors import ConfigError, SparsetrainError
 from sparsetrain.models.thin import thin_width_for
 from sparsetrain.report.flops import inference_flops, training_flops_per_step
 from sparsetrain.train.config import Config
-from sparsetrain.train.loop import RunResult, build_model_for, train
+from sparsetrain.train.entry import train
+from sparsetrain.train.loop import RunResult, build_model_for
 from sparsetrain.train.rundir import clear_run
 
 __all__ = ["GridRun", "RESULTS", "load_records", "run_cell", "run_grid"]
@@ -80,7 +80,7 @@ def _dense_reference(config: Config) -> tuple[int, int]:
         info = dataset_info(config.data.name, **config.data.options)
         wide = replace(config, model=replace(config.model, width=1.0))
         model = build_model_for(wide, info)
-        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+        example = info.example_input()
         params = sum(p.numel() for p in model.parameters())
         _REFERENCES[key] = params, inference_flops(model, example).dense
     return _REFERENCES[key]

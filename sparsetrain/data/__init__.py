@@ -1,4 +1,5 @@
-"""Datasets by name: normalized float32 image tensors [N, C, H, W] with int64 labels.
+"""Datasets by name: normalized float32 image tensors [N, C, H, W] with int64 labels, or (``text``)
+int64 byte sequences [N, T] with their next-byte targets [N, T].
 
 Everything is loaded into memory in one vectorized pass (these datasets are small) and nothing is
 cached on disk, so the files stay the single source of truth.
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import TensorDataset
 
-from sparsetrain.data import cifar10, synthetic
+from sparsetrain.data import cifar10, synthetic, text
 from sparsetrain.data.base import DatasetInfo, check_split
 from sparsetrain.data.fashion_mnist import FASHION_MNIST, MNIST
 from sparsetrain.errors import ConfigError
@@ -34,6 +35,7 @@ _DATASETS: dict[str, _Dataset] = {
     "mnist": _Dataset(MNIST.info, MNIST.load),
     "cifar10": _Dataset(cifar10.info, cifar10.load),
     "synthetic": _Dataset(synthetic.info, synthetic.load),
+    "text": _Dataset(text.info, text.load),
 }
 
 
@@ -50,7 +52,7 @@ def _lookup(name: str) -> _Dataset:
 
 
 def dataset_info(name: str, **options: Any) -> DatasetInfo:
-    """Channels, image size and classes of a dataset, without reading it (to build a model)."""
+    """Shape, classes and task of a dataset, without reading it (to build a model)."""
     _train_subset(options)
     return _lookup(name).info(**options)
 
@@ -68,8 +70,8 @@ def load_dataset(
 ) -> tuple[TensorDataset, DatasetInfo]:
     """The `split` ("train" or "test") of dataset `name`, fully in memory, with its description.
 
-    `data_dir` overrides the dataset's default location (Fashion-MNIST has one; MNIST and CIFAR-10
-    need it). The option ``train_subset: N`` (any dataset) keeps N training examples, the same
+    `data_dir` overrides the dataset's default location (Fashion-MNIST and text have one; MNIST and
+    CIFAR-10 need it). The option ``train_subset: N`` (any dataset) keeps N training examples, the same
     fixed random pick in every run; the test split stays whole. Missing or corrupt files raise
     DataError naming the file and how to obtain the data.
     """
@@ -83,6 +85,6 @@ def load_dataset(
         keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:subset]
         images, labels = images[keep], labels[keep]
     _log.info(
-        "loaded %s %s: %d images of shape %s", name, split, len(images), tuple(images.shape[1:])
+        "loaded %s %s: %d samples of shape %s", name, split, len(images), tuple(images.shape[1:])
     )
     return TensorDataset(images, labels), info

@@ -16,18 +16,39 @@ import numpy as np
 import torch
 
 from sparsetrain.errors import ConfigError, DataError
+from sparsetrain.tasks import CLASSIFICATION, LANGUAGE_MODEL
 
 SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """The shape of a dataset's samples: what a model needs to be built for it."""
+    """The shape of a dataset's samples: what a model needs to be built for it.
+
+    Images are ``[in_channels, image_size, image_size]`` with ``num_classes`` labels. Token
+    sequences (task ``language_model``) are ``image_size`` tokens long (the model's context), with
+    a vocabulary of ``num_classes`` tokens and ``in_channels`` 1, so that every model builder takes
+    the same four keywords.
+    """
 
     name: str
     in_channels: int
     image_size: int
     num_classes: int
+    task: str = CLASSIFICATION  # see sparsetrain.tasks
+
+    def example_input(
+        self, batch_size: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A batch of the samples' shape and dtype, to count FLOPs or time a model: zeros, or
+        drawn from ``generator`` (normal pixels, uniform tokens)."""
+        if self.task == LANGUAGE_MODEL:
+            shape = (batch_size, self.image_size)
+            if generator is None:
+                return torch.zeros(shape, dtype=torch.long)
+            return torch.randint(0, self.num_classes, shape, generator=generator)
+        shape = (batch_size, self.in_channels, self.image_size, self.image_size)
+        return torch.zeros(shape) if generator is None else torch.randn(shape, generator=generator)
 
 
 def check_split(split: str) -> None:

@@ -17,9 +17,7 @@ from ``method.snapshot``). ``sp.export(which="dense")`` returns it.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,7 +31,7 @@ from sparsetrain.phases import Phase, acdc_phases
 
 if TYPE_CHECKING:
     from sparsetrain.masks import Sparsifier
-    from sparsetrain.train.loop import TrainContext
+    from sparsetrain.methods.base import TrainingRun
 
 __all__ = ["ACDC", "SPARSE_KINDS"]
 
@@ -263,7 +261,7 @@ class ACDC(Method):
         self.twin_metrics = dict(metrics or {})
         self.snapshot = None
 
-    def after_training(self, ctx: TrainContext) -> dict[str, float]:
+    def after_training(self, run: TrainingRun) -> dict[str, float]:
         """Fine-tune the dense twin over the final phase's steps; save ``dense_twin.pt``.
 
         The twin branches off at the snapshot: its weights, buffers and optimizer state, and the
@@ -277,8 +275,12 @@ class ACDC(Method):
             if self.dense_twin:
                 log.warning("AC/DC: no dense snapshot (the final phase never began); no twin")
             return {}
-        sparse_loss, sparse_acc = ctx.evaluate(ctx.state.model)
-        twin, (twin_loss, twin_acc), path = _finetune_twin(ctx, self.snapshot)
+        sparse_loss, sparse_acc = run.evaluate(run.model)
+        twin = run.sparsifier.baked_copy()
+        twin.load_state_dict(self.snapshot["model"])
+        (twin_loss, twin_acc), path = run.train_dense_branch(
+            twin, self.snapshot["optimizer"], int(self.snapshot["step"]), "dense_twin"
+        )
         metrics = {
             "sparse_test_loss": sparse_loss,
             "sparse_test_acc": sparse_acc,
@@ -289,11 +291,11 @@ class ACDC(Method):
         log.info(
             "AC/DC pair: sparse %.2f%% (sparsity %.2f%%), dense twin %.2f%% -> %s",
             100 * sparse_acc,
-            100 * ctx.state.sparsifier.sparsity,
+            100 * run.sparsifier.sparsity,
             100 * twin_acc,
             path,
         )
-        return {**metrics, "dense_twin_checkpoint": str(path)}
+        return {**metrics, **({"dense_twin_checkpoint": str(path)} if path else {})}
 
     def describe(self) -> str:
         """The resolved phases, one per line, for logs and reports."""
@@ -335,56 +337,3 @@ def _restart_state(state: dict[str, Any], param: torch.Tensor, done: bool) -> No
                 state[key] = type(value)(0)
         elif not done and isinstance(value, torch.Tensor) and value.shape == param.shape:
             value.zero_()
-
-
-def _finetune_twin(
-    ctx: TrainContext, snapshot: dict[str, Any]
-) -> tuple[nn.Module, tuple[float, float], Path]:
-    """Train the snapshot densely from its step to the end of the run; evaluate and save it.
-
-    The twin resumes the run at the snapshot's step, mid-epoch if need be, so it sees the very
-    batches and learning rates the sparse model saw in its final phase: the two differ only by
-    the masks.
-    """
-    import sparsetrain as st
-    from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
-    from sparsetrain.train.loop import TrainState
-    from sparsetrain.train.optim import build_optimizer, lr_factor
-
-    config, data = ctx.config, ctx.data
-    step = int(snapshot["step"])
-    steps_per_epoch = len(data.train)
-    total = config.train.epochs * steps_per_epoch
-    model = ctx.state.sparsifier.baked_copy()
-    model.load_state_dict(snapshot["model"])
-    optimizer = build_optimizer(model.parameters(), config.optimizer)
-    if snapshot["optimizer"] is not None:
-        optimizer.load_state_dict(snapshot["optimizer"])
-    # last_epoch=step-1: construction steps once, so the first twin step uses the lr of `step`.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(config.lr_schedule, steps_per_epoch, total), last_epoch=step - 1
-    )
-    dense = dataclasses.replace(
-        config.sparsity, method="dense", sparsity=0.0, distribution=None, options={}
-    )
-    sp = st.sparsify(
-        model,
-        optimizer,
-        method="dense",
-        sparsity=0.0,
-        include=dense.include,
-        exclude=dense.dense,
-        dense_first=dense.dense_first,
-        dense_last=dense.dense_last,
-    )
-    epoch, batch = divmod(step, steps_per_epoch)
-    state = TrainState(model, optimizer, scheduler, sp, epoch=epoch, step=step)
-    state.progress.batch = batch  # run_epochs finishes a started epoch from this batch
-    ctx.run_epochs(state, config.train.epochs - epoch, phase="dense_twin")
-    loss, acc = ctx.evaluate(model)
-    twin_config = dataclasses.replace(config, sparsity=dense)
-    metrics = {"test_loss": loss, "test_acc": acc, "branched_at_step": step}
-    path = save_checkpoint(
-        ctx.run_dir / "dense_twin.pt", state_checkpoint(state, twin_config, data, metrics)
-    )
-    return model, (loss, acc), path

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -27,9 +28,37 @@ from sparsetrain.export import export_model, synthesize_input
 if TYPE_CHECKING:
     from sparsetrain.masks import Sparsifier
 
-__all__ = ["Method"]
+__all__ = ["Method", "TrainingRun"]
 
 log = logging.getLogger(__name__)
+
+
+class TrainingRun(Protocol):
+    """What a training loop offers a method's optional ``after_training(run)`` hook.
+
+    A method that yields extra models (AC/DC's dense twin, AST's sub-networks) asks the loop for
+    what it needs through this, never by importing a loop: ``sparsetrain train``'s loop
+    implements it (:class:`sparsetrain.train.loop.TrainContext`), and so can any other. The hook
+    returns a mapping of JSON-ready results.
+    """
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained model."""
+
+    @property
+    def sparsifier(self) -> Sparsifier:
+        """The run's sparsifier."""
+
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        """Test loss and accuracy of ``model``."""
+
+    def train_dense_branch(
+        self, model: nn.Module, optimizer_state: dict[str, Any] | None, step: int, name: str
+    ) -> tuple[tuple[float, float], Path | None]:
+        """Train ``model`` with every mask off from the run's step ``step`` to its end, on the
+        batches and learning rates the run used there, starting from ``optimizer_state``; return
+        its test loss and accuracy and where it was saved (``<name>.pt``, None if not saved)."""
 
 
 class Method:

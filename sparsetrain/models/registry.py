@@ -2,7 +2,9 @@
 
 Every builder is called with the same four keywords (``in_channels``, ``num_classes``,
 ``image_size``, ``width``) plus its own options; ``build_model`` checks names and options up front
-so a typo in a config fails with the valid choices instead of training the wrong network.
+so a typo in a config fails with the valid choices instead of training the wrong network. Each
+model is registered for a task (:mod:`sparsetrain.tasks`), so that an image classifier is never
+paired with text, nor a language model with images.
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ from collections.abc import Callable
 from torch import nn
 
 from sparsetrain.errors import ConfigError
+from sparsetrain.tasks import CLASSIFICATION, check_task
 
-__all__ = ["build_model", "list_models", "register_model", "scale_width"]
+__all__ = ["build_model", "list_models", "model_task", "register_model", "scale_width"]
 
 Builder = Callable[..., nn.Module]
 
 _COMMON = ("in_channels", "num_classes", "image_size", "width")
 _REGISTRY: dict[str, Builder] = {}
+_TASKS: dict[str, str] = {}
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder under ``name``; the builder must take the four common keywords."""
+def register_model(name: str, task: str = CLASSIFICATION) -> Callable[[Builder], Builder]:
+    """Decorator adding a builder under ``name`` for ``task``; the builder must take the four
+    common keywords."""
+    check_task(task)
 
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY:
@@ -36,14 +42,21 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
         if missing and not takes_any:
             raise TypeError(f"model builder {name!r} must accept keyword(s) {', '.join(missing)}")
         _REGISTRY[name] = builder
+        _TASKS[name] = task
         return builder
 
     return decorator
 
 
-def list_models() -> list[str]:
-    """Names accepted by ``build_model``, sorted."""
-    return sorted(_REGISTRY)
+def list_models(task: str | None = None) -> list[str]:
+    """Names accepted by ``build_model`` (those for ``task`` only, if given), sorted."""
+    return sorted(name for name in _REGISTRY if task is None or _TASKS[name] == task)
+
+
+def model_task(name: str) -> str:
+    """The task model ``name`` is built for (``classification`` unless registered otherwise)."""
+    _builder(name)  # an unknown name fails with the valid choices
+    return _TASKS[name]
 
 
 def scale_width(channels: int, width: float) -> int:

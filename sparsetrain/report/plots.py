@@ -27,7 +27,8 @@ _PANELS = (("train_loss", "train loss"), ("test_acc", "test accuracy"))
 def plot_training_curves(
     metrics: Iterable[Mapping[str, Any]] | str | Path, out_path: str | Path
 ) -> Path:
-    """Plot train loss and test accuracy (and sparsity, when logged) against the epoch.
+    """Plot train loss and test accuracy (and a language model's test bits per byte, and
+    sparsity, when logged) against the epoch.
 
     ``metrics`` is a list of records such as ``{"epoch": 1, "train_loss": 0.5, "test_acc": 0.88,
     "sparsity": 0.9}`` or the path of a JSON-lines file of them. Records without an epoch or a
@@ -35,6 +36,8 @@ def plot_training_curves(
     """
     records = _read_records(metrics) if isinstance(metrics, str | Path) else list(metrics)
     panels = list(_PANELS)
+    if any("test_bpb" in record for record in records):
+        panels.insert(1, ("test_bpb", "test bits per byte"))
     if any("sparsity" in record for record in records):
         panels.append(("sparsity", "sparsity"))
     series = {key: _by_epoch(records, key) for key, _ in panels}

@@ -2,7 +2,8 @@
 
 from sparsetrain.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsetrain.train.config import Config, config_from_dict, load_config, save_config
-from sparsetrain.train.loop import RunResult, TrainContext, TrainState, evaluate, run_epochs, train
+from sparsetrain.train.entry import train
+from sparsetrain.train.loop import RunResult, TrainContext, TrainState, evaluate, run_epochs
 
 __all__ = [
     "Config",

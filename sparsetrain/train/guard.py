@@ -25,7 +25,7 @@ from sparsetrain.train.signals import StopSignals, TrainingInterrupted
 
 if TYPE_CHECKING:
     from sparsetrain.train.config import Config
-    from sparsetrain.train.loop import Data, TrainState
+    from sparsetrain.train.state import Data, TrainState
 
 __all__ = ["NonFiniteLoss", "StepGuard"]
 

@@ -5,7 +5,8 @@ per-step lr schedule, makes the model sparse with :func:`sparsetrain.sparsify` (
 user's own loop), trains and evaluates epoch by epoch, then writes the run directory::
 
     config.yaml     the resolved config (every default filled in)
-    metrics.jsonl   one JSON record per epoch: epoch, step, train/test loss and accuracy, lr, ...
+    metrics.jsonl   one JSON record per epoch: epoch, step, train/test loss and accuracy (and,
+                    for a language model, bits per byte: see sparsetrain.tasks), lr, ...
     checkpoints/    step-<step>.pt: the newest train.keep checkpoints, to resume from
     final.pt        checkpoint (see sparsetrain.train.checkpoint)
     report.txt/json per-layer sparsity, inference and training FLOPs
@@ -30,23 +31,23 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import sparsetrain as st
+from sparsetrain import tasks
 from sparsetrain.data import DatasetInfo, dataset_info, load_dataset
 from sparsetrain.errors import ConfigError, SparsetrainError
 from sparsetrain.inputs import ExampleInput
-from sparsetrain.models import build_model
+from sparsetrain.models import build_model, model_task
 from sparsetrain.report import plot_layer_sparsity, plot_training_curves
 from sparsetrain.report.summary import Report
 from sparsetrain.train import distributed
@@ -62,8 +63,9 @@ from sparsetrain.train.resume import (
     trim_metrics,
 )
 from sparsetrain.train.rundir import claim_run_dir, tidy_run_dir
-from sparsetrain.train.sampler import EpochBatchSampler, epoch_generator
+from sparsetrain.train.sampler import EpochBatchSampler
 from sparsetrain.train.signals import StopSignals
+from sparsetrain.train.state import Data, EpochProgress, RunResult, TrainState
 
 __all__ = [
     "Data",
@@ -91,95 +93,6 @@ EVAL_BATCH_SIZE = 1000
 
 
 StepHook = Callable[["TrainState"], None]
-
-
-@dataclass
-class Data:
-    train: DataLoader
-    test: DataLoader
-    info: DatasetInfo
-    generator: torch.Generator  # the train loader's (worker seeds); reseeded every epoch
-    sampler: EpochBatchSampler | None = None  # the train order: a function of (seed, epoch)
-
-    def start_epoch(self, epoch: int, batch: int = 0) -> None:
-        """Set the train loader to epoch ``epoch``'s order, from its batch ``batch`` on."""
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch, batch)
-            self.generator.manual_seed(
-                epoch_generator(self.sampler.seed, epoch, "loader").initial_seed()
-            )
-
-
-@dataclass
-class EpochProgress:
-    """How far the current epoch has got, and the sums behind its train loss and accuracy.
-
-    The sums stay on the training device (no synchronization per step) and go into checkpoints,
-    so a run resumed mid-epoch reports the same epoch metrics as one never interrupted.
-    """
-
-    batch: int = 0  # batches of the epoch consumed
-    loss_sum: torch.Tensor | None = None  # sum over examples of the loss
-    correct: torch.Tensor | None = None
-    seen: int = 0  # examples in the sums (this process's)
-    skipped: int = 0  # batches whose non-finite loss skipped the update (train.skip_nonfinite)
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        if self.loss_sum is None or self.correct is None:
-            self.loss_sum = torch.zeros((), device=loss.device)
-            self.correct = torch.zeros((), dtype=torch.long, device=loss.device)
-        self.loss_sum += loss.detach() * len(y)
-        self.correct += (logits.argmax(1) == y).sum()
-        self.seen += len(y)
-
-    def finish(self, device: torch.device) -> tuple[float, float]:
-        """Mean loss and accuracy of the epoch over every process; starts the next epoch."""
-        totals = torch.tensor([0.0, 0.0, float(self.seen)], dtype=torch.float64, device=device)
-        if self.loss_sum is not None and self.correct is not None:
-            totals[0], totals[1] = self.loss_sum, self.correct
-        loss_sum, correct, seen = distributed.all_sum(totals).tolist()
-        vars(self).update(vars(EpochProgress()))
-        return loss_sum / max(1.0, seen), correct / max(1.0, seen)
-
-    def to(self, device: torch.device) -> None:
-        if self.loss_sum is not None and self.correct is not None:
-            self.loss_sum, self.correct = self.loss_sum.to(device), self.correct.to(device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # tensors copied
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, state[f.name])
-
-
-@dataclass
-class TrainState:
-    """Everything that changes while training; ``run_epochs`` advances it."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    sparsifier: st.Sparsifier
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimizer steps taken
-    elapsed: float = 0.0  # seconds spent in run_epochs
-    progress: EpochProgress = field(default_factory=EpochProgress)  # inside epoch ``epoch + 1``
-    forward: nn.Module | None = None  # what the loop calls: the model, or DDP around it
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    config: Config
-    state: TrainState
-    metrics: list[dict[str, Any]]
-    test_loss: float
-    test_acc: float
-    report: Report
-    checkpoint: Path
-    plots: list[Path]
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -245,6 +158,12 @@ def build_data(config: Config, world: distributed.World | None = None) -> Data:
 def build_model_for(config: Config, info: DatasetInfo | None = None) -> nn.Module:
     """The config's model, shaped for its dataset (``info`` read from the data config if None)."""
     info = info or dataset_info(config.data.name, **config.data.options)
+    task = model_task(config.model.name)
+    if task != info.task:
+        raise ConfigError(
+            f"model {config.model.name!r} is a {task} model but dataset {info.name!r} is for "
+            f"{info.task}; pick a model from sparsetrain.models.list_models({info.task!r})"
+        )
     return build_model(
         config.model.name,
         in_channels=info.in_channels,
@@ -309,12 +228,14 @@ def train_epoch(
     log_every: int = 0,
     on_step: StepHook | None = None,
     skip_nonfinite: bool = False,
+    task: str = tasks.CLASSIFICATION,
 ) -> tuple[float, float]:
     """One pass over ``loader`` (the rest of the epoch after a mid-epoch resume); returns the
     epoch's mean train loss and accuracy over every process.
 
     ``on_step(state)`` runs at every step boundary (checkpoints, signals). With
     ``skip_nonfinite`` a batch whose loss is inf or nan (on any process) updates nothing.
+    ``task`` (the dataset's) adds its derived metrics to the progress bar.
     """
     model, device = _forward_model(state), _device_of(state.model)
     model.train()
@@ -331,7 +252,7 @@ def train_epoch(
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = tasks.loss(logits, y)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         progress.batch += 1
@@ -348,8 +269,10 @@ def train_epoch(
             state.step += 1
             progress.add(loss, logits, y)
             if log_every and state.step % log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                log.debug("step %d  loss %.4f", state.step, loss.item())
+                value = loss.item()
+                derived = {k: f"{v:.3f}" for k, v in tasks.derived_metrics(task, value).items()}
+                bar.set_postfix(loss=f"{value:.4f}", **derived)
+                log.debug("step %d  loss %.4f", state.step, value)
         if on_step is not None:
             on_step(state)
     epoch = state.epoch + 1
@@ -365,7 +288,8 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``loader`` (eval mode, no grad)."""
+    """Mean cross-entropy and accuracy of ``model`` over ``loader`` (eval mode, no grad), per
+    prediction: per example, or per token for a language model."""
     device = _device_of(model)
     was_training = model.training
     model.eval()
@@ -373,9 +297,9 @@ def evaluate(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
+        total_loss += tasks.loss(logits, y, reduction="sum").item()
+        correct += tasks.correct(logits, y).item()
+        seen += y.numel()
     model.train(was_training)
     return total_loss / max(1, seen), correct / max(1, seen)
 
@@ -426,11 +350,12 @@ def run_epochs(
     """
     records = []
     last = state.epoch + epochs
+    task = data.info.task
     for _ in range(epochs):
         start = time.perf_counter()
         data.start_epoch(state.epoch, state.progress.batch)
         train_loss, train_acc = train_epoch(
-            state, data.train, log_every, on_step=on_step, skip_nonfinite=skip_nonfinite
+            state, data.train, log_every, on_step=on_step, skip_nonfinite=skip_nonfinite, task=task
         )
         state.epoch += 1
         test_loss = test_acc = None
@@ -444,6 +369,8 @@ def run_epochs(
             "train_acc": train_acc,
             "test_loss": test_loss,
             "test_acc": test_acc,
+            **tasks.derived_metrics(task, train_loss, prefix="train_"),
+            **tasks.derived_metrics(task, test_loss, prefix="test_"),
             "lr": state.optimizer.param_groups[0]["lr"],
             "sparsity": state.sparsifier.sparsity,
             "time": round(state.elapsed, 3),
@@ -451,11 +378,11 @@ def run_epochs(
         }
         append_metrics(metrics_path, record)
         records.append(record)
-        tested = "" if test_acc is None else f"  test loss {test_loss:.4f} acc {test_acc:.2%}"
+        tested = "" if test_acc is None else f"  test {tasks.describe(task, test_loss, test_acc)}"
         log.info(
-            "%sepoch %d/%d  train loss %.4f acc %.2f%%%s  sparsity %.2f%%  (%.0fs)",
+            "%sepoch %d/%d  train %s%s  sparsity %.2f%%  (%.0fs)",
             f"[{phase}] " if phase else "",
-            *(state.epoch, last, train_loss, 100 * train_acc, tested),
+            *(state.epoch, last, tasks.describe(task, train_loss, train_acc), tested),
             *(100 * record["sparsity"], state.elapsed),
         )
         if on_epoch is not None:
@@ -465,12 +392,12 @@ def run_epochs(
 
 @dataclass
 class TrainContext:
-    """What a method's ``after_training(ctx)`` hook receives: the seam for extra models.
+    """This loop's side of a method's ``after_training(run)`` hook
+    (:class:`sparsetrain.methods.base.TrainingRun`): the seam for extra models.
 
     After the main training, :func:`train` calls ``sp.method.after_training(ctx)`` if the method
-    defines it. The hook may train further (``ctx.run_epochs`` on a copy of ``ctx.state`` with its
-    own optimizer from :mod:`sparsetrain.train.optim`), evaluate any model (``ctx.evaluate``), and
-    write files into ``ctx.run_dir``. It returns a mapping of JSON-ready results (e.g.
+    defines it. The hook may evaluate any model (``evaluate``) and train a dense branch of the run
+    (``train_dense_branch``). It returns a mapping of JSON-ready results (e.g.
     ``{"dense_test_acc": 0.91}``) that lands in ``RunResult.extras``, ``report.json``, the final
     checkpoint's ``metrics`` and the log. Records of extra epochs go to ``metrics.jsonl`` tagged
     with ``phase``.
@@ -482,6 +409,21 @@ class TrainContext:
     run_dir: Path
     metrics_path: Path | None  # None on ranks other than 0, which write no files
     on_step: StepHook | None = None  # stops extra training on SIGTERM/SIGINT
+
+    @property
+    def model(self) -> nn.Module:
+        return self.state.model
+
+    @property
+    def sparsifier(self) -> st.Sparsifier:
+        return self.state.sparsifier
+
+    def train_dense_branch(
+        self, model: nn.Module, optimizer_state: dict[str, Any] | None, step: int, name: str
+    ) -> tuple[tuple[float, float], Path]:
+        from sparsetrain.train.branch import train_dense_branch
+
+        return train_dense_branch(self, model, optimizer_state, step, name)
 
     def run_epochs(self, state: TrainState, epochs: int, phase: str) -> list[dict[str, Any]]:
         t = self.config.train
@@ -538,12 +480,6 @@ def train(
     elif config is None:
         raise ConfigError("train() needs a config, or a run to resume")
     config = resolve(config)
-    if config.sparsity.method == "gap" and config.sparsity.options.get("parallel"):
-        if point is not None:
-            raise ConfigError("P-GaP runs cannot be resumed; start them again")
-        from sparsetrain.pgap import run_pgap  # P-GaP trains one model copy per group
-
-        return run_pgap(config, overwrite=overwrite)
     if point is not None:
         check_same_run(point.config(), config, point.path)
     if config.train.device.startswith("cuda") and not torch.cuda.is_available():

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sparsetrain.errors import CheckpointError, ConfigError
-from sparsetrain.nested_masks import is_nested, nm_within, prune_regrow, select_within
+from sparsetrain.methods.ast.nested_masks import is_nested, nm_within, prune_regrow, select_within
 
 __all__ = ["SubnetMasks", "check_nm", "nm_compatible"]
 

@@ -4,14 +4,14 @@ Ma et al., ICLR 2022 (https://arxiv.org/abs/2106.09857); reference code
 https://github.com/boone891214/GaP. Every layer starts sparse with a random mask at its ratio.
 Each round, every worker starts from the same model, grows its own group of layers dense and
 trains ``step_length`` with a fresh optimizer and lr schedule. The workers' models are merged
-(:mod:`sparsetrain.pgap.merge`) and every grouped layer is pruned back to its ratio by per-layer
-magnitude (:mod:`sparsetrain.pgap.rounds`). After the rounds, the sparse model is fine-tuned
-(:mod:`sparsetrain.pgap.driver`).
+(:mod:`sparsetrain.methods.gap.parallel.merge`) and every grouped layer is pruned back to its ratio by per-layer
+magnitude (:mod:`sparsetrain.methods.gap.parallel.rounds`). After the rounds, the sparse model is fine-tuned
+(:mod:`sparsetrain.methods.gap.parallel.driver`).
 
 Determinism: worker k of round r seeds its data order and the global RNG (dropout) from
 (seed, r, k). The workers can therefore run one after another in one process
 (``workers="sequential"``) or one per rank (``"distributed"``, on the process group of
-:mod:`sparsetrain.train.distributed`), and both give the same merged model: bit for bit on CPU
+:mod:`sparsetrain.collectives`), and both give the same merged model: bit for bit on CPU
 with the same thread count, and on GPU as far as its kernels are deterministic. After every merge
 and at the end, hashes of the masks and weights are compared across ranks.
 
@@ -20,11 +20,10 @@ full training runs. With ``shard=True``, worker k gets every kappa-th example st
 Budget: ``total_steps`` counts one process's optimizer steps (wall-clock): ``rounds`` x
 ``step_length``, then the fine-tune. The rounds cost kappa times that in compute.
 
-``sparsetrain train`` runs P-GaP through :func:`run_pgap` (:mod:`sparsetrain.pgap.run`).
+``sparsetrain train`` runs P-GaP through :func:`sparsetrain.train.parallel_gap.run_pgap`.
 """
 
-from sparsetrain.pgap.driver import PGaPResult, pgap_train
-from sparsetrain.pgap.merge import merge_workers
-from sparsetrain.pgap.run import run_pgap
+from sparsetrain.methods.gap.parallel.driver import PGaPResult, pgap_train
+from sparsetrain.methods.gap.parallel.merge import merge_workers
 
-__all__ = ["PGaPResult", "merge_workers", "pgap_train", "run_pgap"]
+__all__ = ["PGaPResult", "merge_workers", "pgap_train"]

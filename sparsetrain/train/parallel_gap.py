@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from sparsetrain import tasks
 from sparsetrain.errors import SparsetrainError
-from sparsetrain.pgap.driver import pgap_train
+from sparsetrain.methods.gap.parallel.driver import pgap_train
 from sparsetrain.train import distributed
 from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
 from sparsetrain.train.config import Config, resolve, save_config
@@ -95,6 +96,7 @@ def run_pgap(config: Config, overwrite: bool = False) -> RunResult:
         seed=config.train.seed,
         mask_seed=s.seed,
         device=device,
+        loss_fn=tasks.loss,
         evaluate=(lambda model: evaluate(model, data.test)) if main else None,
         on_record=on_record,
         **layer_kwargs(s),

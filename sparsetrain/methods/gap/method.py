@@ -2,7 +2,7 @@
 
 https://arxiv.org/abs/2106.09857 ; reference code https://github.com/boone891214/GaP
 
-The sparse layers are split into kappa groups (:mod:`sparsetrain.partitions`). Training is a
+The sparse layers are split into kappa groups (:mod:`sparsetrain.methods.gap.partitions`). Training is a
 sequence of *steps* of ``step_length`` each: during a step exactly one group is dense and every
 other group is sparse at its ratio with a fixed mask. The first step grows group 0 while the
 others hold random masks; when a step ends, the group that was dense is pruned back to its ratio
@@ -26,7 +26,7 @@ one continuous schedule, which a method does not own.
 Ratios per layer come from ``distribution``: ``uniform`` (the reference's usual setting) or
 ``global``, fixed per-layer ratios from one magnitude threshold over the initial weights (as the
 reference derives its non-uniform ratios). ``parallel=True`` selects P-GaP, which trains one model
-copy per group and so runs through its own driver, :mod:`sparsetrain.pgap`.
+copy per group and so runs through its own driver, :mod:`sparsetrain.methods.gap.parallel`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import torch
 from sparsetrain import mask_ops
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.methods.base import Method
+from sparsetrain.methods.gap.partitions import Partition, make_partition
 from sparsetrain.methods.registry import register_method
-from sparsetrain.partitions import Partition, make_partition
 from sparsetrain.phases import UNITS, Phases, length_in_steps
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class GaP(Method):
     Options: ``groups`` (kappa, default 4) or ``partition`` (one list of name globs per group);
     ``rounds``, ``step_length``, ``finetune`` and their ``unit`` (see the module docstring);
     ``restart_optimizer`` (clear optimizer state at every step, as the reference does);
-    ``parallel`` (P-GaP, run by :func:`sparsetrain.pgap.pgap_train`) with ``shard`` (each P-GaP
+    ``parallel`` (P-GaP, run by :func:`sparsetrain.methods.gap.parallel.pgap_train`) with ``shard`` (each P-GaP
     worker trains on its own shard of the data instead of all of it).
     """
 
@@ -192,7 +192,7 @@ class GaP(Method):
         if self.parallel:
             raise ConfigError(
                 "P-GaP (gap with parallel: true) trains one model copy per group and merges them, "
-                "so it cannot run inside one training loop; use sparsetrain.pgap.pgap_train or "
+                "so it cannot run inside one training loop; use sparsetrain.methods.gap.parallel.pgap_train or "
                 "`sparsetrain train` (under torchrun for one process per group)"
             )
         self.partition = make_partition(

@@ -17,12 +17,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sparsetrain import mask_ops
+from sparsetrain.collectives import World, all_gather_object, tensor_digest
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.masks import Sparsifier
-from sparsetrain.partitions import Partition, layer_state_keys
-from sparsetrain.pgap import phase
-from sparsetrain.pgap.merge import merge_ranks, merge_workers
-from sparsetrain.train.distributed import World, all_gather_object, tensor_digest
+from sparsetrain.methods.gap.parallel import phase
+from sparsetrain.methods.gap.parallel.merge import merge_ranks, merge_workers
+from sparsetrain.methods.gap.partitions import Partition, layer_state_keys
 
 __all__ = ["Rounds"]
 

@@ -19,20 +19,20 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sparsetrain import mask_ops
-from sparsetrain.errors import ConfigError
-from sparsetrain.masks import Sparsifier
-from sparsetrain.methods import Method, build_method
-from sparsetrain.methods.gap import DEFAULT_GROUPS, FINETUNE
-from sparsetrain.partitions import Partition, make_partition
-from sparsetrain.pgap.phase import endless_batches
-from sparsetrain.pgap.rounds import Rounds
-from sparsetrain.select import layer_overrides, select_parameters
-from sparsetrain.train.distributed import (
+from sparsetrain.collectives import (
     World,
     broadcast_tensors,
     init_distributed,
     tensor_digest,
 )
+from sparsetrain.errors import ConfigError
+from sparsetrain.masks import Sparsifier
+from sparsetrain.methods import Method, build_method
+from sparsetrain.methods.gap.method import DEFAULT_GROUPS, FINETUNE
+from sparsetrain.methods.gap.parallel.phase import endless_batches
+from sparsetrain.methods.gap.parallel.rounds import Rounds
+from sparsetrain.methods.gap.partitions import Partition, make_partition
+from sparsetrain.select import layer_overrides, select_parameters
 
 __all__ = ["WORKERS", "PGaPResult", "pgap_train"]
 
@@ -61,7 +61,7 @@ class PGaPResult:
 def _world(workers: str, device: str | torch.device) -> World | None:
     """This process's place among the workers: None when it runs them all (``sequential``).
 
-    The process group is :func:`sparsetrain.train.distributed.init_distributed`'s: joined once
+    The process group is :func:`sparsetrain.collectives.init_distributed`'s: joined once
     and left at exit, so P-GaP may run more than once in a process.
     """
     if workers not in WORKERS:

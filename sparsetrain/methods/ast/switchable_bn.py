@@ -39,6 +39,8 @@ class SwitchableBatchNorm(nn.Module):
     model in DDP with ``find_unused_parameters=True``.
     """
 
+    leaves_parameters_unused = True  # read by DistributedDataParallel wrapping (train.distributed)
+
     def __init__(self, bn: nn.Module, num_subnets: int) -> None:
         super().__init__()
         self.copies = nn.ModuleList([bn, *(copy.deepcopy(bn) for _ in range(num_subnets - 1))])

@@ -3,8 +3,8 @@
 https://proceedings.neurips.cc/paper_files/paper/2022/hash/c7207c38b6e809a83d0688936a91c3b5-Abstract-Conference.html
 
 One set of weights holds K sub-networks of increasing sparsity (densest first), each with its own
-mask on every sparse tensor (:class:`~sparsetrain.subnet_masks.SubnetMasks`) and its own
-BatchNorm (:mod:`sparsetrain.switchable_bn`; the first BatchNorm stays shared). Step ``t`` trains
+mask on every sparse tensor (:class:`~sparsetrain.methods.ast.subnet_masks.SubnetMasks`) and its own
+BatchNorm (:mod:`sparsetrain.methods.ast.switchable_bn`; the first BatchNorm stays shared). Step ``t`` trains
 only sub-network ``(t - 1) mod K`` with the one optimizer, so the run costs one ordinary training.
 Masks use the sparsifier's kept-values mode: weights outside the active mask keep their values for
 the sub-networks that use them, get a zero gradient and do not move (in the reference, momentum
@@ -19,7 +19,7 @@ update_offset`` steps after sub-network 0, at its first own step from each grid 
 denser update. ``nm=[(2, 4), (1, 4), (1, 8)]`` makes the sub-networks N:M along input channels:
 the fraction of N:M groups ramps cubically over the window, then the masks are frozen.
 
-Gradient correction (:mod:`sparsetrain.grad_correction`), on by default, projects the active
+Gradient correction (:mod:`sparsetrain.methods.ast.grad_correction`), on by default, projects the active
 sub-network's masked gradient off the previous step's where they conflict, within inner groups of
 ``inner_group_size`` consecutive steps (K by default: one cycle; none across a group's start, none
 at the first step); the *uncorrected* gradient is kept for the next step.
@@ -37,22 +37,22 @@ from torch import nn
 
 from sparsetrain import mask_ops
 from sparsetrain.errors import CheckpointError, ConfigError, SparsetrainError
-from sparsetrain.grad_correction import project_conflicting
-from sparsetrain.methods.base import Method
-from sparsetrain.methods.registry import register_method
-from sparsetrain.schedules import Cosine, Cubic, Every
-from sparsetrain.subnet_checkpoint import subnet_index
-from sparsetrain.subnet_masks import SubnetMasks, check_nm, nm_compatible
-from sparsetrain.switchable_bn import (
+from sparsetrain.methods.ast.checkpoint import subnet_index
+from sparsetrain.methods.ast.grad_correction import project_conflicting
+from sparsetrain.methods.ast.subnet_masks import SubnetMasks, check_nm, nm_compatible
+from sparsetrain.methods.ast.switchable_bn import (
     SwitchableBatchNorm,
     make_switchable,
     restore_batchnorms,
     set_active,
 )
+from sparsetrain.methods.base import Method
+from sparsetrain.methods.registry import register_method
+from sparsetrain.schedules import Cosine, Cubic, Every
 
 if TYPE_CHECKING:
     from sparsetrain.masks import Sparsifier
-    from sparsetrain.train.loop import TrainContext
+    from sparsetrain.methods.base import TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +258,13 @@ class AST(Method):
                 params[name].copy_(sp.dense_value(name) * mask)
         return restore_batchnorms(model, i)
 
-    def after_training(self, ctx: TrainContext) -> dict[str, Any]:
+    def after_training(self, run: TrainingRun) -> dict[str, Any]:
         """Evaluate every sub-network with its own masks and BatchNorm (``sparsetrain train``)."""
-        sp = ctx.state.sparsifier
+        sp = run.sparsifier
         results: dict[str, Any] = {}
         for i in range(self.num_subnets):
             self.use_subnet(sp, i)
-            loss, acc = ctx.evaluate(ctx.state.model)
+            loss, acc = run.evaluate(run.model)
             results[f"subnet{i}_sparsity"] = self.subnet_sparsity(i)
             results[f"subnet{i}_test_loss"], results[f"subnet{i}_test_acc"] = loss, acc
             log.info(

@@ -1,7 +1,7 @@
 """P-GaP's merge: one model from the workers' models, the same bits however the workers ran.
 
 The layers of group k, meaning every parameter and buffer of the modules owning its sparse
-weights and of the norms that follow them (:func:`sparsetrain.partitions.layer_state_keys`), come
+weights and of the norms that follow them (:func:`sparsetrain.methods.gap.partitions.layer_state_keys`), come
 from worker k, so a conv and the BatchNorm statistics computed from it stay together. Everything
 else is averaged over the workers: layers in no group, dense layers and their norms.
 The sum runs in worker order, in one process (:func:`merge_workers`) as over ranks
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from sparsetrain.train.distributed import all_gather_tensors, broadcast_tensors
+from sparsetrain.collectives import all_gather_tensors, broadcast_tensors
 
 __all__ = ["merge_ranks", "merge_workers"]
 
