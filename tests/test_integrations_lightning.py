@@ -162,6 +162,22 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path):
         assert torch.equal(weight, weights[name]), name
 
 
+def test_checkpoint_of_a_finished_run(tmp_path):
+    # Lightning trains no step from it (no on_train_start); the sparsifier is restored all the same.
+    saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    options = dict(method="rigl", sparsity=0.8, update_every=3)
+    first = SparsityCallback(**options)
+    make_trainer(tmp_path, [first, saver], max_epochs=1).fit(Module(), loader())
+    callback = SparsityCallback(**options)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(Module(), loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    sp = callback.sparsifier
+    assert sp is not None and sp.step == first.sparsifier.step == trainer.global_step == 10
+    for name, mask in first.sparsifier.masks.items():
+        assert torch.equal(mask, sp.masks[name]), name
+    assert_enforced(sp)
+
+
 def test_checkpoint_without_sparsifier_state(tmp_path, caplog):
     saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1)
     make_trainer(tmp_path, [saver], max_epochs=1).fit(Module(), loader())

@@ -110,6 +110,13 @@ class SparsityCallback(Callback):
             self.run.start(model, optimizer, remaining, per_epoch, step)
         self._loaded = None
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Restore the sparsifier of a checkpoint whose run had already finished: Lightning then
+        trains no step and skips ``on_train_start``, and ``report()`` / ``export()`` would
+        find nothing."""
+        if self.run.sparsifier is None and self._loaded:
+            self.on_train_start(trainer, pl_module)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
         """Send sparsity and FLOPs to the loggers every ``log_every_n_steps`` optimizer steps."""
         step = self._global_step = trainer.global_step
