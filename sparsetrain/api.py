@@ -15,7 +15,7 @@ from sparsetrain.kernels import KERNEL_MODES, use_kernels
 from sparsetrain.masks import Sparsifier
 from sparsetrain.methods import build_method
 from sparsetrain.methods.registry import check_method
-from sparsetrain.select import layer_overrides, select_parameters
+from sparsetrain.select import check_layer_sparsity, layer_overrides, select_parameters
 
 __all__ = ["check_sparsify_arguments", "sparsify"]
 
@@ -166,5 +166,6 @@ def check_sparsify_arguments(**kwargs: Any) -> dict[str, Any]:
         erk_power=args["erk_power"],
         min_density=_check_density(args["min_density"]),
     )
+    check_layer_sparsity(args["layer_sparsity"])  # the patterns are matched once a model exists
     check_method(method, common, args["options"])
     return dict(kwargs)

@@ -27,7 +27,7 @@ from torch import nn
 from sparsetrain import mask_ops
 from sparsetrain.errors import ConfigError
 
-__all__ = ["layer_overrides", "select_parameters"]
+__all__ = ["check_layer_sparsity", "layer_overrides", "select_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +104,27 @@ def select_parameters(
     return {name: params[name] for name in ordered}
 
 
-def layer_overrides(globs: Mapping[str, float] | None, names: list[str]) -> dict[str, float]:
-    """``{glob: sparsity}`` resolved to sparse parameter names (later globs win)."""
+def check_layer_sparsity(globs: Mapping[str, float] | None) -> dict[str, float]:
+    """``{glob: sparsity}`` with every sparsity checked, before any model's names are known."""
     if not globs:
         return {}
     if not isinstance(globs, Mapping):
         raise ConfigError(f"layer_sparsity must map name globs to sparsities, got {globs!r}")
+    return {
+        str(pattern): mask_ops.check_sparsity(value, f"layer_sparsity[{pattern!r}]")
+        for pattern, value in globs.items()
+    }
+
+
+def layer_overrides(globs: Mapping[str, float] | None, names: list[str]) -> dict[str, float]:
+    """``{glob: sparsity}`` resolved to sparse parameter names (later globs win)."""
     out: dict[str, float] = {}
-    for pattern, value in globs.items():
-        hits = fnmatch.filter(names, str(pattern))
+    for pattern, level in check_layer_sparsity(globs).items():
+        hits = fnmatch.filter(names, pattern)
         if not hits:
             raise ConfigError(
                 f"layer_sparsity pattern {pattern!r} matches no sparse parameter; sparse "
                 f"parameters: {', '.join(names)}"
             )
-        level = mask_ops.check_sparsity(value, f"layer_sparsity[{pattern!r}]")
         out.update(dict.fromkeys(hits, level))
     return out

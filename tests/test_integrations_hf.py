@@ -330,6 +330,10 @@ def test_accumulation_clipping_bf16(tmp_path):
         (dict(method="rigl", sparsity=0.9, update_every="often"), "update_every"),
         (dict(method="static", sparsity=1.5), r"sparsity must be in \[0, 1\)"),
         (dict(method="static", sparsity=0.9, model=None), "'model' is not an argument"),
+        (
+            dict(method="static", sparsity=0.9, layer_sparsity={"*.c_fc.*": 1.5}),
+            r"layer_sparsity\['\*\.c_fc\.\*'\] must be in \[0, 1\)",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(options, message):
