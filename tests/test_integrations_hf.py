@@ -48,7 +48,7 @@ def gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
     config = GPT2Config(
         n_layer=2,
-        n_embd=32,
+        n_embd=64,
         n_head=2,
         vocab_size=VOCAB,
         n_positions=16,
@@ -62,10 +62,10 @@ def bert() -> torch.nn.Module:
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
+        hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=256,
         max_position_embeddings=16,
         num_labels=2,
     )

@@ -22,7 +22,7 @@ class Module(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.model = nn.Sequential(
-            nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)
+            nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
         )
         self.optimizer = optimizer
         self.automatic_optimization = optimizer != "two"  # Lightning's rule for two optimizers
