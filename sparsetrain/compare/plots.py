@@ -14,12 +14,14 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from sparsetrain.compare.aggregate import Row
 
 __all__ = ["plot_score_vs_sparsity", "plot_score_vs_train_flops"]
 
 _MARKERS = "osD^vP<X>hp*H"
+_PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # 0.7, not 7x10^-1, on a log axis
 
 
 def _style(names: Sequence[str]) -> dict[str, tuple[tuple[float, ...], str]]:
@@ -43,7 +45,7 @@ def _legend(fig: Figure, axes: Sequence[Axes]) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
-    fig.legend(list(entries.values()), list(entries), loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.legend(list(entries.values()), list(entries), loc="outside right center")
 
 
 def _draw_scores(ax: Axes, rows: Sequence[Row], names: Sequence[str], style: dict) -> None:
@@ -95,7 +97,7 @@ def plot_score_vs_sparsity(
     placed = {n for _, panel in groups for n in panel}
     groups[-1][1].extend(n for n in names if n not in placed and n not in baselines)
     groups = [g for g in groups if g[1]] or [("", [])]
-    fig = Figure(figsize=(5.5 * len(groups), 4.8))
+    fig = Figure(figsize=(5.5 * len(groups) + 1.5, 4.8), layout="constrained")
     axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
     for ax, (title, group) in zip(axes, groups, strict=True):
         _draw_scores(ax, rows, [*baselines, *group], style)
@@ -114,7 +116,7 @@ def plot_score_vs_train_flops(rows: Sequence[Row], path: str | Path) -> Path:
     labelled with its sparsity."""
     models = list(dict.fromkeys(r.model for r in rows))
     style = _style(list(dict.fromkeys(r.name for r in rows)))
-    fig = Figure(figsize=(5.5 * len(models), 4.8))
+    fig = Figure(figsize=(5.5 * len(models) + 1.5, 4.8), layout="constrained")
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, model in zip(axes, models, strict=True):
         mine = [r for r in rows if r.model == model]
@@ -137,6 +139,9 @@ def plot_score_vs_train_flops(rows: Sequence[Row], path: str | Path) -> Path:
                     )
         better = "higher" if score.higher_is_better else "lower"
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(_PLAIN)
+        ax.xaxis.set_minor_formatter(_PLAIN)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("training FLOPs / dense run")
         ax.set_ylabel(f"{score.label} ({better} is better)")
         ax.set_title(f"{model}: {score.label} vs training FLOPs", fontsize=10)
