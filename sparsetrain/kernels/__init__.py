@@ -8,6 +8,7 @@ stay dense (no sparse convolution on CPU beats oneDNN; see docs/performance.md).
 """
 
 from sparsetrain.kernels.autotune import Autotuner, TuneKey, default_tuner, density_bucket
+from sparsetrain.kernels.kept_step import KeptStep, StepKey
 from sparsetrain.kernels.mode import (
     KERNEL_MODES,
     KernelLinear,
@@ -30,10 +31,12 @@ __all__ = [
     "KERNEL_MODES",
     "GradBuffer",
     "Autotuner",
+    "KeptStep",
     "KernelLinear",
     "KernelMode",
     "KernelStats",
     "LinearStructure",
+    "StepKey",
     "TuneKey",
     "default_tuner",
     "density_bucket",
