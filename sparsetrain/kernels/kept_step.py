@@ -52,6 +52,10 @@ _SGD = torch.optim.SGD
 _SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
+# (name, .grad) -> (flat kept positions, gradient values there), when the kernel has them.
+CompactGrad = Callable[[str, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
 @dataclass(frozen=True)
 class StepKey:
     """What a timing of the kept-weights step against the dense one is valid for."""
@@ -199,10 +203,22 @@ class KeptStep:
     options and threads).
     """
 
-    def __init__(self, sp: Sparsifier, mode: str, tuner: Autotuner) -> None:
+    def __init__(
+        self,
+        sp: Sparsifier,
+        mode: str,
+        tuner: Autotuner,
+        compact_grad: CompactGrad | None = None,
+    ) -> None:
         self.sp = sp
         self.mode = mode
         self.tuner = tuner
+        self.compact_grad = compact_grad
+        # Compact copies left by the last update, valid while their tensor keeps its version:
+        # (name, slot) -> (tensor, version, index, values). Each saves a gather from a large,
+        # cache-missing weight (the gathers and scatters are most of a 98%-sparse step).
+        self._compact: dict[tuple[str, int], tuple[weakref.ref, int, torch.Tensor, Any]] = {}
+        self._same_index: dict[str, tuple[weakref.ref, weakref.ref]] = {}
         self.steps = 0  # parameter updates done over kept weights only (for tests and reports)
         self._index: dict[str, tuple[torch.Tensor, tuple[int, ...], torch.Tensor]] = {}
         self._clean: dict[str, _Clean] = {}
@@ -295,23 +311,50 @@ class KeptStep:
                 index = self._index[name][2]
                 state = optimizer.state.get(p, {})  # a defaultdict: no new entries
                 full = [p, *(state[k] for k in keys)]
-                compact = [_flat(t).index_select(0, index) for t in full]
+                compact = [self._gather(name, slot, t, index) for slot, t in enumerate(full)]
                 params.append(compact[0])
-                grads.append(_flat(p.grad).index_select(0, index))
+                grads.append(self._grad_values(name, p.grad, index))
                 states.append(compact[1:])
                 if "step" in state:
                     steps.append(state["step"])
                 targets.append((name, p, full, compact, index))
             functional_update(optimizer, group, params, grads, states, steps)
             for name, p, full, compact, index in targets:
-                for t, c in zip(full, compact, strict=True):
-                    _flat(t).index_copy_(0, index, c)
+                for slot, (t, c) in enumerate(zip(full, compact, strict=True)):
+                    _flat(t).put_(index, c)
+                    self._compact[name, slot] = (weakref.ref(t), t._version, index, c)
                 self._clean[name].record(
                     {"param": p, **{k: t for k, t in zip(keys, full[1:], strict=True)}}
                 )
                 self._hidden[name] = (p, p.grad)
                 p.grad = None
                 self.steps += 1
+
+    def _gather(self, name: str, slot: int, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``t`` at ``index``: the copy the last update left when ``t`` is unchanged since."""
+        cached = self._compact.get((name, slot))
+        if (
+            cached is not None
+            and cached[0]() is t
+            and cached[1] == t._version
+            and cached[2] is index
+        ):
+            return cached[3]
+        return _flat(t).index_select(0, index)
+
+    def _grad_values(self, name: str, grad: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The gradient at ``index``: the kernel's own values when it wrote ``grad`` for the
+        same positions, else a gather."""
+        hit = self.compact_grad(name, grad) if self.compact_grad is not None else None
+        if hit is not None and grad.is_contiguous():
+            positions, values = hit
+            known = self._same_index.get(name)
+            if known is not None and known[0]() is positions and known[1]() is index:
+                return values
+            if positions.shape == index.shape and torch.equal(positions, index):
+                self._same_index[name] = (weakref.ref(positions), weakref.ref(index))
+                return values
+        return _flat(grad).index_select(0, index)
 
     def _measured_faster(
         self,
@@ -356,6 +399,6 @@ def _step_calls(
         g = _flat(grad).index_select(0, index)
         functional_update(optimizer, group, compact[:1], [g], [compact[1:]], step)
         for t, c in zip(full, compact, strict=True):
-            _flat(t).index_copy_(0, index, c)
+            _flat(t).put_(index, c)
 
     return dense, kept

@@ -154,7 +154,7 @@ class KernelMode:
         self.dense_reasons: dict[str, str] = {}
         self._modules: dict[str, nn.Linear] = {}
         self._forced_dense_grad = 0
-        self.kept_step = KeptStep(sp, mode, self.tuner)
+        self.kept_step = KeptStep(sp, mode, self.tuner, self.compact_grad)
         for name in sp.params:
             module_name, _, attr = name.rpartition(".")
             module = sp.model.get_submodule(module_name)
@@ -220,6 +220,17 @@ class KernelMode:
         """The sparsifier's step post-hook: names of the weights :meth:`before_step` updated,
         which are still zero off their masks (their masking can be skipped)."""
         return self.kept_step.after_step()
+
+    def compact_grad(
+        self, name: str, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat kept positions, values there) of ``grad`` when it is the kernel's untouched
+        gradient for the current mask (see :meth:`premasked`), else None."""
+        layer = self.layers.get(name)
+        if layer is None or layer.dirty or layer.structure is None:
+            return None
+        values = layer.grad_buffer.values(grad, layer.structure)
+        return None if values is None else (layer.structure.index, values)
 
     def wants_dense_grad(self) -> bool:
         """Whether the coming optimizer step must see full dense weight gradients."""
