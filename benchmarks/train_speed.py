@@ -284,7 +284,7 @@ def plot(rows: list[dict], path: Path, threads: int) -> None:
     axes[0][0].set_ylabel("training-step speed-up over dense")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(
-        f"Training step on sparse kernels vs dense, batch {BATCH}, CPU "
+        f"Training step on sparse kernels vs dense, batch {BATCH},\nCPU "
         f"({threads} thread{'s' * (threads > 1)}; gray band: ties)"
     )
     fig.tight_layout()
