@@ -284,7 +284,7 @@ def plot(rows: list[dict], path: Path, threads: int) -> None:
     axes[0][0].set_ylabel("training-step speed-up over dense")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(
-        f"Training step on sparse kernels vs dense, batch {BATCH}, CPU "
+        f"Training step on sparse kernels vs dense, batch {BATCH},\nCPU "
         f"({threads} thread{'s' * (threads > 1)}; gray band: ties)"
     )
     fig.tight_layout()
@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_speed.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/figures/train_speedup.png")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="override")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 7, quick 3)")
     parser.add_argument("--steps", type=int, default=None, help="steps per block (4, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sparsities = (0.9, 0.98) if args.quick else SPARSITIES
+    sparsities = args.sparsities or ((0.9, 0.98) if args.quick else SPARSITIES)
     rounds = args.rounds or (3 if args.quick else 7)
     steps = args.steps or (2 if args.quick else 4)
 

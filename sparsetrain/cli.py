@@ -70,7 +70,7 @@ def _load_run(path: str, data_dir: str | None = None, subnet: int | float | None
 
 
 def _build_model(checkpoint: dict, config, path: str):  # noqa: ANN001, ANN202
-    from sparsetrain.train.loop import build_model_for
+    from sparsetrain.train.builders import build_model_for
 
     model = build_model_for(config)
     try:
@@ -160,7 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sparsetrain.data import load_dataset
-    from sparsetrain.train.loop import EVAL_BATCH_SIZE, evaluate, make_loader
+    from sparsetrain.train.builders import EVAL_BATCH_SIZE, make_loader
+    from sparsetrain.train.epochs import evaluate
 
     saved, config = _read_run(args.checkpoint, args.data_dir)
     d = config.data

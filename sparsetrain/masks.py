@@ -153,6 +153,11 @@ class Sparsifier:
         if self._shadow is None:
             self._shadow = {n: p.detach().clone() for n, p in self.params.items()}
 
+    @property
+    def keeps_values(self) -> bool:
+        """Whether masked-off values are kept (:meth:`keep_masked_values`)."""
+        return self._shadow is not None
+
     def dense_value(self, name: str) -> torch.Tensor:
         """The weight with masked-off values restored (kept-values mode), else the weight itself."""
         param = self.params[self._check_name(name)].detach()
@@ -161,13 +166,13 @@ class Sparsifier:
         return torch.where(self._masks[name].bool(), param, self._shadow[name])
 
     # ------------------------------------------------------------- enforcement
-    def apply_masks(self) -> None:
-        """Multiply every sparse weight by its mask."""
-        if self._enforced:
+    def apply_masks(self, skip: Iterable[str] = ()) -> None:
+        """Multiply every sparse weight by its mask (except ``skip``: known to be masked)."""
+        names = [n for n in self._enforced if n not in skip]
+        if names:
             with torch.no_grad():
                 torch._foreach_mul_(
-                    [self.params[n] for n in self._enforced],
-                    [self._masks[n] for n in self._enforced],
+                    [self.params[n] for n in names], [self._masks[n] for n in names]
                 )
 
     def mask_gradients(self) -> None:
@@ -268,11 +273,13 @@ class Sparsifier:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
+        elif self.kernels is not None:
+            self.kernels.before_step(optimizer, args, kwargs)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.inputs is not None:
             self._release_capture()
-        self.apply_masks()
+        self.apply_masks(skip=self.kernels.after_step() if self.kernels is not None else ())
         self.step += 1
         self.backward_passes += max(1, self.gradients.take_backward_count())
         for name, density in self._density.items():

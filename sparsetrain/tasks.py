@@ -11,6 +11,7 @@ of a character-level model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,11 @@ __all__ = [
     "LANGUAGE_MODEL",
     "TASKS",
     "check_task",
+    "Headline",
     "correct",
     "derived_metrics",
     "describe",
+    "headline",
     "loss",
 ]
 
@@ -58,6 +61,32 @@ def derived_metrics(
     if task != LANGUAGE_MODEL:
         return {}
     return {f"{prefix}bpb": None if mean_loss is None else mean_loss / math.log(2)}
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The one number a comparison ranks a task's models by: a key of the result records, how to
+    print it, and which way is better."""
+
+    key: str
+    label: str
+    scale: float  # printed value = scale * stored value
+    higher_is_better: bool
+
+    def format(self, value: float) -> str:
+        return f"{self.scale * value:.2f}" if self.scale != 1 else f"{value:.3f}"
+
+
+_HEADLINES = {
+    CLASSIFICATION: Headline("test_acc", "test accuracy (%)", 100.0, True),
+    LANGUAGE_MODEL: Headline("test_bpb", "validation bits per byte", 1.0, False),
+}
+
+
+def headline(task: str) -> Headline:
+    """Test accuracy for a classifier; validation bits per byte for a language model (its
+    next-byte accuracy says little)."""
+    return _HEADLINES[check_task(task)]
 
 
 def describe(task: str, mean_loss: float, accuracy: float) -> str:

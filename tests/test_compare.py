@@ -16,7 +16,7 @@ from sparsetrain.compare import (
     run_cell,
     run_grid,
 )
-from sparsetrain.compare.aggregate import accuracy_table, ast_table, detail_table
+from sparsetrain.compare.aggregate import ast_table, detail_table, score_table
 from sparsetrain.compare.runner import ACDC_TWIN, RESULTS
 from sparsetrain.errors import ConfigError
 from sparsetrain.train.loop import train
@@ -221,11 +221,11 @@ def test_aggregate_groups_over_seeds_in_grid_order():
         ("mlp", "static", 0.9),
     ]
     dense = rows[1]
-    assert dense.seeds == 3 and dense.acc_mean == pytest.approx(0.92)
-    assert dense.acc_std == pytest.approx(0.02)
+    assert dense.seeds == 3 and dense.score_mean == pytest.approx(0.92)
+    assert dense.score_std == pytest.approx(0.02)
     static = rows[3]
-    assert static.acc_mean == pytest.approx(0.82) and static.wall_s == pytest.approx(2.5)
-    assert static.acc_std == pytest.approx(0.0282843, rel=1e-5)
+    assert static.score_mean == pytest.approx(0.82) and static.wall_s == pytest.approx(2.5)
+    assert static.score_std == pytest.approx(0.0282843, rel=1e-5)
 
 
 def test_tables_render():
@@ -237,7 +237,7 @@ def test_tables_render():
         _record("ast", 0.9, 0, 0.83),
     ]
     rows = aggregate(records, order=["dense", "static", "ast"])
-    table = accuracy_table(rows, "mlp").splitlines()
+    table = score_table(rows, "mlp").splitlines()
     assert table[0] == "| method | 0% | 90% |"
     assert table[2] == "| dense | 91.00 ± 1.41 | - |"
     assert table[3] == "| static | - | 82.00 ± 2.83 |"
@@ -276,7 +276,7 @@ def test_cli_compare_quick_runs_and_resumes(tmp_path, capsys):
         ("mlp", "mlp/static/0.9/seed0", 1),
     ]
     assert (out / "summary.md").read_text().startswith("## mlp")
-    assert (out / "compare_accuracy_mlp.png").stat().st_size > 0
+    assert (out / "compare_score_mlp.png").stat().st_size > 0
     assert main(["-q", "compare", str(path), "--quick", "--out", str(out)]) == 0
     assert "0 cells run, 2 already done" in capsys.readouterr().out
 

@@ -16,6 +16,7 @@ from sparsetrain.kernels import (
     GradBuffer,
     KernelLinear,
     LinearStructure,
+    StepKey,
     density_bucket,
     sparse_linear,
     use_kernels,
@@ -330,6 +331,10 @@ def test_auto_keeps_dense_where_sparse_is_slower_and_times_each_case_once():
     def timer(key, dense, sparse):  # deterministic stand-in for wall-clock timing
         dense()
         sparse()  # both candidates must run
+        if isinstance(
+            key, StepKey
+        ):  # the kept-weights optimizer step (tests/test_kernels_kept_step.py)
+            return 1.0
         calls.append((key.out_features, key.in_features, key.batch))
         return speedups[key.out_features, key.in_features]
 
@@ -372,12 +377,15 @@ def test_config_accepts_kernels_and_rejects_typos():
 
 @pytest.mark.parametrize("name", st.list_methods())
 def test_every_method_trains_identically_on_sparse_kernels(name):
-    """Registry-driven: the same masks and weights with kernels="sparse" as with dense layers."""
-    from tests.method_cases import run_case
+    """Registry-driven: the same masks and weights with kernels="sparse" as with dense layers,
+    with the optimizer stepping kept weights only (except in kept-values mode, AST)."""
+    from tests.method_cases import CASES, run_case
 
     runs = [run_case(name, kernels=kernels)[::2] for kernels in ("dense", "sparse")]
     (dense, dense_sp), (sparse, sparse_sp) = runs
     assert (sparse_sp.kernels.stats.rebuilds > 0) == (name != "dense")  # CSR really ran
+    kept_step = name != "dense" and not CASES[name].get("kept_values")
+    assert (sparse_sp.kernels.kept_step.steps > 0) == kept_step
     for pname, mask in dense_sp.masks.items():
         assert torch.equal(sparse_sp.masks[pname], mask), pname
     for (pname, a), b in zip(dense.named_parameters(), sparse.parameters(), strict=True):

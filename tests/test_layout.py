@@ -131,3 +131,8 @@ def test_the_loop_knows_no_method_by_name():
     text = (PACKAGE / "train" / "loop.py").read_text()
     for name in ("gap", "pgap", "acdc", "ast", "rigl"):
         assert f'"{name}"' not in text and f"methods.{name}" not in text
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "train").glob("*.py")), ids=lambda p: p.name)
+def test_each_training_file_is_one_a_reader_can_hold(path):
+    assert len(path.read_text().splitlines()) <= 400

@@ -17,7 +17,7 @@ import torch
 import sparsetrain as st
 from sparsetrain.errors import CheckpointError
 from sparsetrain.train import checkpoint as ckpt
-from sparsetrain.train import loop
+from sparsetrain.train import loop, outputs
 from sparsetrain.train.config import load_config
 from sparsetrain.train.resume import find_resume
 from sparsetrain.train.signals import TrainingInterrupted
@@ -54,8 +54,8 @@ def method_config(name, out, *extra):
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
     """Plots cost most of a tiny run and are not what these tests check."""
-    monkeypatch.setattr(loop, "plot_training_curves", lambda records, path: path)
-    monkeypatch.setattr(loop, "plot_layer_sparsity", lambda table, path: path)
+    monkeypatch.setattr(outputs, "plot_training_curves", lambda records, path: path)
+    monkeypatch.setattr(outputs, "plot_layer_sparsity", lambda table, path: path)
 
 
 def signal_at(monkeypatch, step, signum=signal.SIGTERM):

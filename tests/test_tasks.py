@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from sparsetrain import cli, tasks
 from sparsetrain.errors import ConfigError
-from sparsetrain.train import loop
+from sparsetrain.train import builders, loop, outputs
 from sparsetrain.train.config import load_config
 from sparsetrain.train.signals import TrainingInterrupted
 from tests.test_resume import assert_identical, signal_at
@@ -109,17 +109,17 @@ def test_model_and_dataset_of_different_tasks_are_refused(corpus, tmp_path):
         "configs/gpt_char.yaml", [*TINY, "data.name=synthetic", "data.options={}"]
     )
     with pytest.raises(ConfigError, match="'gpt' is a language_model model but dataset"):
-        loop.build_model_for(gpt_on_images)
+        builders.build_model_for(gpt_on_images)
     mlp_on_text = load_config(
         "configs/gpt_char.yaml", [*TINY, "model.name=mlp", "model.options={}"]
     )
     with pytest.raises(ConfigError, match=r"list_models\('language_model'\)"):
-        loop.build_model_for(mlp_on_text)
+        builders.build_model_for(mlp_on_text)
 
 
 def test_interrupted_language_model_run_resumes_bit_identical(corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "plot_training_curves", lambda records, path: path)
-    monkeypatch.setattr(loop, "plot_layer_sparsity", lambda table, path: path)
+    monkeypatch.setattr(outputs, "plot_training_curves", lambda records, path: path)
+    monkeypatch.setattr(outputs, "plot_layer_sparsity", lambda table, path: path)
     settings = [*TINY, "sparsity.method=rigl", "sparsity.options={update_every: 8}"]
 
     def config(out):

@@ -2,6 +2,8 @@
 
 Records are grouped by (model, name, sparsity), where ``name`` is the variant, or ``acdc_twin``
 for AC/DC's dense twin. The std is the sample standard deviation (n - 1); one seed shows no std.
+Each row's score is its task's headline (:func:`sparsetrain.tasks.headline`): test accuracy for
+a classifier, validation bits per byte for a language model.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Row", "aggregate", "ast_table", "accuracy_table", "detail_table", "mean_std"]
+from sparsetrain.tasks import CLASSIFICATION, Headline, headline
+
+__all__ = ["Row", "aggregate", "ast_table", "detail_table", "mean_std", "score_table"]
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,9 @@ class Row:
     name: str
     sparsity: float
     seeds: int
-    acc_mean: float
-    acc_std: float
+    headline: Headline  # what score_mean and score_std measure
+    score_mean: float
+    score_std: float
     params: float  # means over seeds
     inference_flops: float
     train_flops_rel: float
@@ -47,15 +52,17 @@ def aggregate(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> l
     rank = {name: i for i, name in enumerate(order)}
     rows = []
     for (model, name, sparsity), group in groups.items():
-        acc_mean, acc_std = mean_std([r["test_acc"] for r in group])
+        score = headline(group[0].get("task", CLASSIFICATION))
+        score_mean, score_std = mean_std([r[score.key] for r in group])
         rows.append(
             Row(
                 model=model,
                 name=name,
                 sparsity=sparsity,
                 seeds=len({r["seed"] for r in group}),
-                acc_mean=acc_mean,
-                acc_std=acc_std,
+                headline=score,
+                score_mean=score_mean,
+                score_std=score_std,
                 params=statistics.fmean(r["params"] for r in group),
                 inference_flops=statistics.fmean(r["inference_flops"] for r in group),
                 train_flops_rel=statistics.fmean(r["train_flops_rel"] for r in group),
@@ -66,12 +73,11 @@ def aggregate(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> l
     return rows
 
 
-def _acc(row: Row | None) -> str:
+def _score(row: Row | None) -> str:
     if row is None:
         return "-"
-    if row.seeds > 1:
-        return f"{100 * row.acc_mean:.2f} ± {100 * row.acc_std:.2f}"
-    return f"{100 * row.acc_mean:.2f}"
+    mean = row.headline.format(row.score_mean)
+    return f"{mean} ± {row.headline.format(row.score_std)}" if row.seeds > 1 else mean
 
 
 def _table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
@@ -88,12 +94,12 @@ def _names(rows: Sequence[Row]) -> list[str]:
     return list(dict.fromkeys(r.name for r in rows))
 
 
-def accuracy_table(rows: Sequence[Row], model: str) -> str:
-    """Test accuracy (%) of ``model``: one row per name, one column per sparsity."""
+def score_table(rows: Sequence[Row], model: str) -> str:
+    """The headline score of ``model``: one row per name, one column per sparsity."""
     rows = [r for r in rows if r.model == model]
     levels = sorted({r.sparsity for r in rows})
     at = {(r.name, r.sparsity): r for r in rows}
-    body = [[name, *(_acc(at.get((name, s))) for s in levels)] for name in _names(rows)]
+    body = [[name, *(_score(at.get((name, s))) for s in levels)] for name in _names(rows)]
     return _table(["method", *(_pct(s) for s in levels)], body)
 
 
@@ -105,11 +111,12 @@ def _human(value: float) -> str:
 
 
 def detail_table(rows: Sequence[Row], model: str) -> str:
-    """Every measure of ``model``'s rows (accuracy, parameters, FLOPs, wall time, seeds)."""
+    """Every measure of ``model``'s rows (score, parameters, FLOPs, wall time, seeds)."""
+    mine = [r for r in rows if r.model == model]
     header = [
         "method",
         "sparsity",
-        "test acc %",
+        mine[0].headline.label if mine else "score",
         "params",
         "inference FLOPs",
         "train FLOPs / dense",
@@ -120,15 +127,14 @@ def detail_table(rows: Sequence[Row], model: str) -> str:
         [
             r.name,
             _pct(r.sparsity),
-            _acc(r),
+            _score(r),
             _human(r.params),
             _human(r.inference_flops),
             f"{r.train_flops_rel:.3f}",
             f"{r.wall_s:.0f}",
             str(r.seeds),
         ]
-        for r in rows
-        if r.model == model
+        for r in mine
     ]
     return _table(header, body)
 
@@ -143,5 +149,5 @@ def ast_table(
     body = []
     for s in levels:
         own = [at.get((c, s)) for c in counterparts]
-        body.append([_pct(s), _acc(at[(ast, s)]), *(_acc(r) for r in own)])
+        body.append([_pct(s), _score(at[(ast, s)]), *(_score(r) for r in own)])
     return _table(header, body)

@@ -7,9 +7,10 @@ cell that did not finish starts over in its cleared run directory).
 A cell yields one record per model it produces: AC/DC its sparse model and its dense twin, AST
 each sub-network.
 
-Every record carries the accuracy, the active parameters, the inference FLOPs per example and the
-training FLOPs from the run's report, both also relative to the dense full-width model of the same
-steps (so a thin dense model is compared with the wide one), and the wall time of the run.
+Every record carries the test accuracy and loss (and a language model's bits per byte), the
+active parameters, the inference FLOPs per example and the training FLOPs from the run's report,
+both also relative to the dense full-width model of the same steps (so a thin dense model is
+compared with the wide one), and the wall time of the run.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sparsetrain import tasks
 from sparsetrain.compare.grid import Cell, Grid, expand
 from sparsetrain.data import dataset_info
 from sparsetrain.errors import ConfigError, SparsetrainError
 from sparsetrain.models.thin import thin_width_for
 from sparsetrain.report.flops import inference_flops, training_flops_per_step
+from sparsetrain.train.builders import build_model_for
 from sparsetrain.train.config import Config
 from sparsetrain.train.entry import train
-from sparsetrain.train.loop import RunResult, build_model_for
 from sparsetrain.train.rundir import clear_run
+from sparsetrain.train.state import RunResult
 
 __all__ = ["GridRun", "RESULTS", "load_records", "run_cell", "run_grid"]
 
@@ -112,6 +115,7 @@ def _common(cell: Cell, grid: Grid, config: Config, result: RunResult, wall: flo
         "cell": cell.key,
         "setup": grid.setup_id(cell),
         "model": cell.model,
+        "task": dataset_info(config.data.name, **config.data.options).task,
         "variant": cell.variant.name,
         "method": cell.variant.method,
         "distribution": config.sparsity.distribution,
@@ -128,6 +132,7 @@ def _common(cell: Cell, grid: Grid, config: Config, result: RunResult, wall: flo
 
 def _record(common: dict, name: str, sparsity: float, acc: float, loss: float, **kw: Any) -> dict:
     out = {**common, "name": name, "sparsity": sparsity, "test_acc": acc, "test_loss": loss, **kw}
+    out.update(tasks.derived_metrics(common["task"], loss, prefix="test_"))
     out["params_rel"] = out["params"] / common["dense_params"]
     out["inference_flops_rel"] = out["inference_flops"] / common["dense_inference_flops"]
     out["train_flops_rel"] = out["train_flops"] / common["dense_train_flops"]
@@ -266,6 +271,9 @@ def run_grid(
         records.extend(new)
         done.add(cell.key)
         outcome.ran.append(cell.key)
-        accs = ", ".join(f"{r['name']}@{r['sparsity']:g} {r['test_acc']:.2%}" for r in new)
-        log.info("%s: %s (%.0fs)", cell.key, accs, new[0]["wall_s"])
+        score = tasks.headline(new[0]["task"])
+        scores = ", ".join(
+            f"{r['name']}@{r['sparsity']:g} {score.format(r[score.key])}" for r in new
+        )
+        log.info("%s: %s %s (%.0fs)", cell.key, score.label, scores, new[0]["wall_s"])
     return outcome

@@ -6,23 +6,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sparsetrain.compare.aggregate import (
-    accuracy_table,
-    aggregate,
-    ast_table,
-    detail_table,
-)
-from sparsetrain.compare.plots import plot_accuracy_vs_sparsity, plot_accuracy_vs_train_flops
+from sparsetrain.compare.aggregate import aggregate, ast_table, detail_table, score_table
+from sparsetrain.compare.plots import plot_score_vs_sparsity, plot_score_vs_train_flops
 from sparsetrain.compare.runner import ACDC_TWIN
 
 __all__ = ["AST_COUNTERPARTS", "name_order", "render_summary", "write_summary"]
 
 # Separately trained runs AST's sub-networks are set beside (those the grid has).
 AST_COUNTERPARTS = ("static_uniform", "static_erk", "gmp", "rigl")
-# Accuracy-vs-sparsity panels: sparse from the start | dense phases or several models per run.
+# Score-vs-sparsity panels: sparse from the start | dense phases or several models per run.
 PANELS = (
-    ("thin_dense", "static_uniform", "static_erk", "set", "rigl", "dsr"),
-    ("gmp", "acdc", ACDC_TWIN, "cgap", "pgap", "ast"),
+    (
+        "sparse from the start",
+        ("thin_dense", "static_uniform", "static_erk", "set", "rigl", "dsr"),
+    ),
+    (
+        "dense phases, or several models per run",
+        ("gmp", "acdc", ACDC_TWIN, "cgap", "pgap", "ast"),
+    ),
 )
 
 
@@ -39,13 +40,15 @@ def name_order(variants: Sequence[str]) -> list[str]:
 def render_summary(
     records: Sequence[dict[str, Any]], order: Sequence[str] = (), figures: Sequence[Path] = ()
 ) -> str:
-    """Markdown: per model the accuracy table, the detail table and AST beside its counterparts."""
+    """Markdown: per model the score table, the detail table and AST beside its counterparts."""
     rows = aggregate(records, order)
     lines = []
     for model in dict.fromkeys(r.model for r in rows):
         mine = [r for r in rows if r.model == model]
-        lines += [f"## {model}", "", "Test accuracy (%), mean ± std over seeds:", ""]
-        lines += [accuracy_table(rows, model), "", "All measures (means over seeds):", ""]
+        score = mine[0].headline
+        better = "higher" if score.higher_is_better else "lower"
+        lines += [f"## {model}", "", f"{score.label}, mean ± std over seeds ({better} is better):"]
+        lines += ["", score_table(rows, model), "", "All measures (means over seeds):", ""]
         lines += [detail_table(rows, model), ""]
         if any(r.name == "ast" for r in mine):
             present = [c for c in AST_COUNTERPARTS if any(r.name == c for r in mine)]
@@ -64,11 +67,11 @@ def write_summary(
     rows = aggregate(records, order)
     models = list(dict.fromkeys(r.model for r in rows))
     figures = [
-        plot_accuracy_vs_sparsity(rows, m, out / f"compare_accuracy_{m}.png", PANELS)
+        plot_score_vs_sparsity(rows, m, out / f"compare_score_{m}.png", PANELS)
         for m in models
     ]
     if rows:
-        figures.append(plot_accuracy_vs_train_flops(rows, out / "compare_train_flops.png"))
+        figures.append(plot_score_vs_train_flops(rows, out / "compare_train_flops.png"))
     summary = out / "summary.md"
     summary.write_text(render_summary(records, order, figures))
     return [summary, *figures]

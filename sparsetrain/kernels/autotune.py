@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,9 @@ __all__ = ["Autotuner", "TuneKey", "default_tuner", "density_bucket"]
 log = logging.getLogger(__name__)
 
 # (case, dense call, sparse call) -> speed-up of sparse over dense (dense time / sparse time).
-Timer = Callable[["TuneKey", Callable[[], object], Callable[[], object]], float]
+# The case is a TuneKey for a layer's products, or another frozen key (the kept-weights optimizer
+# step's StepKey) for other choices made the same way.
+Timer = Callable[[Hashable, Callable[[], object], Callable[[], object]], float]
 
 
 def density_bucket(density: float) -> float:
@@ -61,7 +63,7 @@ class TuneKey:
 
 
 def _paired_timer(rounds: int) -> Timer:
-    def timer(key: TuneKey, dense: Callable[[], object], sparse: Callable[[], object]) -> float:
+    def timer(key: Hashable, dense: Callable[[], object], sparse: Callable[[], object]) -> float:
         return compare(dense, sparse, rounds=rounds).speedup
 
     return timer
@@ -84,7 +86,7 @@ class Autotuner:
     ) -> None:
         self.timer = timer or _paired_timer(rounds)
         self.min_speedup = float(min_speedup)
-        self.speedups: dict[TuneKey, float] = {}
+        self.speedups: dict[Hashable, float] = {}
 
     def key(
         self,
@@ -119,28 +121,39 @@ class Autotuner:
     ) -> bool:
         """True when sparse kernels are faster for this case (timed now if never seen)."""
         key = self.key(weight, bias, structure, batch, backward, grad_input)
+        what = (
+            f"{key.out_features}x{key.in_features} at density {structure.density:.3f}, batch "
+            f"{batch}, {'forward+backward' if backward else 'forward'}"
+        )
+        return self.decide(key, lambda: self._calls(key, weight, bias, structure), what)
+
+    def decide(
+        self,
+        key: Hashable,
+        calls: Callable[[], tuple[Callable[[], object], Callable[[], object]]],
+        what: str,
+    ) -> bool:
+        """True when the sparse call is faster for ``key``; ``calls()`` builds the (dense,
+        sparse) pair to time, only when ``key`` was never measured in this process."""
         speedup = self.speedups.get(key)
         if speedup is None:
-            speedup = self.speedups[key] = self._measure(key, weight, bias, structure)
+            dense, sparse = calls()
+            speedup = self.speedups[key] = float(self.timer(key, dense, sparse))
             log.info(
-                "auto kernels: %dx%d at density %.3f, batch %d, %s: sparse %.2fx dense -> %s",
-                key.out_features,
-                key.in_features,
-                structure.density,
-                batch,
-                "forward+backward" if backward else "forward",
+                "auto kernels: %s: sparse %.2fx dense -> %s",
+                what,
                 speedup,
                 "sparse" if speedup >= self.min_speedup else "dense",
             )
         return speedup >= self.min_speedup
 
-    def _measure(
+    def _calls(
         self,
         key: TuneKey,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         structure: LinearStructure,
-    ) -> float:
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
         w = weight.detach()
         b = None if bias is None else bias.detach()
         x = torch.randn(key.batch, key.in_features, dtype=w.dtype, device=w.device)
@@ -163,7 +176,7 @@ class Autotuner:
                     sparse_grad_input(gy, values, structure)
                 sparse_grad_weight(gy, x, structure, buffer)
 
-        return float(self.timer(key, dense, sparse))
+        return dense, sparse
 
 
 _DEFAULT = Autotuner()

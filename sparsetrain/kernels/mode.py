@@ -40,6 +40,7 @@ from torch import nn
 
 from sparsetrain.errors import ConfigError
 from sparsetrain.kernels.autotune import Autotuner, default_tuner
+from sparsetrain.kernels.kept_step import KeptStep
 from sparsetrain.kernels.sparse_linear import (
     CSR_DTYPES,
     GradBuffer,
@@ -153,6 +154,7 @@ class KernelMode:
         self.dense_reasons: dict[str, str] = {}
         self._modules: dict[str, nn.Linear] = {}
         self._forced_dense_grad = 0
+        self.kept_step = KeptStep(sp, mode, self.tuner, self.compact_grad)
         for name in sp.params:
             module_name, _, attr = name.rpartition(".")
             module = sp.model.get_submodule(module_name)
@@ -207,6 +209,28 @@ class KernelMode:
             and layer.structure is not None
             and layer.grad_buffer.holds(grad, layer.structure)
         )
+
+    def before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """The sparsifier's step pre-hook, after the method's update: step the kept weights of
+        the sparse layers where that is faster (see :mod:`sparsetrain.kernels.kept_step`) and
+        leave the optimizer only the rest."""
+        self.kept_step.before_step(optimizer, args, kwargs)
+
+    def after_step(self) -> set[str]:
+        """The sparsifier's step post-hook: names of the weights :meth:`before_step` updated,
+        which are still zero off their masks (their masking can be skipped)."""
+        return self.kept_step.after_step()
+
+    def compact_grad(
+        self, name: str, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat kept positions, values there) of ``grad`` when it is the kernel's untouched
+        gradient for the current mask (see :meth:`premasked`), else None."""
+        layer = self.layers.get(name)
+        if layer is None or layer.dirty or layer.structure is None:
+            return None
+        values = layer.grad_buffer.values(grad, layer.structure)
+        return None if values is None else (layer.structure.index, values)
 
     def wants_dense_grad(self) -> bool:
         """Whether the coming optimizer step must see full dense weight gradients."""

@@ -164,7 +164,7 @@ def sparse_grad_weight(
     if buffer is not None:
         return buffer.fill(sampled, s)
     grad = torch.zeros(s.shape[0] * s.shape[1], dtype=grad_y.dtype, device=grad_y.device)
-    grad.index_copy_(0, s.index, sampled)
+    grad.put_(s.index, sampled)
     return grad.view(s.shape)
 
 
@@ -193,6 +193,7 @@ class GradBuffer:
         self._index: torch.Tensor | None = None  # the mask positions written last time
         self._tick: int | None = None  # clock value at the last hand-out
         self._version = -1  # the storage's version counter right after the last hand-out
+        self._values: torch.Tensor | None = None  # what the last hand-out wrote, compact
 
     def fill(self, values: torch.Tensor, s: LinearStructure) -> torch.Tensor:
         """A dense gradient of ``s.shape`` with ``values`` at ``s``'s positions, zeros elsewhere."""
@@ -204,20 +205,26 @@ class GradBuffer:
             values.device,
         )
         if fits and tick == self._tick:
-            return torch.zeros_like(storage).index_copy_(0, s.index, values).view(s.shape)
+            return torch.zeros_like(storage).put_(s.index, values).view(s.shape)
         if not fits:
             storage = self._storage = torch.zeros(numel, dtype=values.dtype, device=values.device)
         elif self._index is not s.index or _version(storage) != self._version:
             storage.zero_()  # another mask, or written through since: clear what it holds
         self._index, self._tick = s.index, tick
-        out = storage.index_copy_(0, s.index, values).view(s.shape)
-        self._version = _version(storage)
+        out = storage.put_(s.index, values).view(s.shape)
+        self._version, self._values = _version(storage), values
         return out
+
+    def values(self, grad: torch.Tensor | None, s: LinearStructure) -> torch.Tensor | None:
+        """The nnz values of ``grad`` in ``s``'s order when ``grad`` :meth:`holds` exactly what
+        the last hand-out wrote (the optimizer step over kept weights reads them instead of
+        gathering them again), else None. Read-only."""
+        return self._values if self.holds(grad, s) else None
 
     def release_if_shared(self, grad: torch.Tensor | None) -> None:
         """Let go of the storage if ``grad`` (a weight's current ``.grad``) lives in it."""
         if self._shares(grad):
-            self._storage, self._index, self._tick = None, None, None
+            self._storage, self._index, self._tick, self._values = None, None, None, None
 
     def holds(self, grad: torch.Tensor | None, s: LinearStructure) -> bool:
         """Whether ``grad`` is exactly what the last hand-out wrote for ``s``, unwritten since.

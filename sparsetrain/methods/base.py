@@ -38,7 +38,7 @@ class TrainingRun(Protocol):
 
     A method that yields extra models (AC/DC's dense twin, AST's sub-networks) asks the loop for
     what it needs through this, never by importing a loop: ``sparsetrain train``'s loop
-    implements it (:class:`sparsetrain.train.loop.TrainContext`), and so can any other. The hook
+    implements it (:class:`sparsetrain.train.context.TrainContext`), and so can any other. The hook
     returns a mapping of JSON-ready results.
     """
 

@@ -2,8 +2,10 @@
 
 from sparsetrain.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsetrain.train.config import Config, config_from_dict, load_config, save_config
+from sparsetrain.train.context import TrainContext
 from sparsetrain.train.entry import train
-from sparsetrain.train.loop import RunResult, TrainContext, TrainState, evaluate, run_epochs
+from sparsetrain.train.epochs import evaluate, run_epochs
+from sparsetrain.train.state import RunResult, TrainState
 
 __all__ = [
     "Config",

@@ -20,7 +20,7 @@ from sparsetrain.train.optim import build_optimizer, lr_factor
 from sparsetrain.train.state import TrainState
 
 if TYPE_CHECKING:
-    from sparsetrain.train.loop import TrainContext
+    from sparsetrain.train.context import TrainContext
 
 __all__ = ["train_dense_branch"]
 

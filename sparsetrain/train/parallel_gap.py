@@ -13,21 +13,14 @@ from sparsetrain import tasks
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.methods.gap.parallel.driver import pgap_train
 from sparsetrain.train import distributed
+from sparsetrain.train.builders import build_data, build_model_for, layer_kwargs, seed_everything
 from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
 from sparsetrain.train.config import Config, resolve, save_config
-from sparsetrain.train.loop import (
-    RunResult,
-    TrainState,
-    append_metrics,
-    build_data,
-    build_model_for,
-    evaluate,
-    layer_kwargs,
-    seed_everything,
-    write_report,
-)
+from sparsetrain.train.epochs import append_metrics, evaluate
 from sparsetrain.train.optim import build_optimizer, lr_factor
+from sparsetrain.train.outputs import write_report
 from sparsetrain.train.rundir import claim_run_dir, tidy_run_dir
+from sparsetrain.train.state import RunResult, TrainState
 
 __all__ = ["run_pgap"]
 
