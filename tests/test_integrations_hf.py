@@ -166,17 +166,21 @@ def final_state(trainer, callback):
 
 
 @pytest.mark.parametrize(
-    "options",
+    "model_name, options",
     [
-        dict(method="rigl", sparsity=0.8, update_every=2),
-        dict(method="ast", sparsity=[0.5, 0.8], update_every=2),
+        ("gpt2", dict(method="rigl", sparsity=0.8, update_every=2)),
+        ("gpt2", dict(method="ast", sparsity=[0.5, 0.8], update_every=2)),
+        # BERT's nn.Linear layers on CSR kernels, the optimizer stepping only kept weights
+        ("bert", dict(method="rigl", sparsity=0.8, update_every=2, kernels="sparse")),
     ],
-    ids=["rigl", "ast"],
+    ids=["rigl", "ast", "rigl-sparse-kernels"],
 )
-def test_resume_ends_like_an_uninterrupted_run(tmp_path, options):
+def test_resume_ends_like_an_uninterrupted_run(tmp_path, model_name, options):
     def run(out, *extra, resume=None):
         callback = SparsityCallback(**options)
-        trainer = make_trainer(out, "gpt2", [callback, *extra], save_strategy="steps", save_steps=5)
+        trainer = make_trainer(
+            out, model_name, [callback, *extra], save_strategy="steps", save_steps=5
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer, callback
 
