@@ -18,6 +18,13 @@ K, the number of weights to prune per step, is absolute in the paper (20,000 for
 it to other models it defaults to ``target_prune_fraction`` = 0.0138 of the reparameterized
 weights, active and inactive alike (the paper kept K fixed across sparsities); ``target_prune``
 sets it absolutely.
+
+Defaults that differ from the paper or its code, and why: the paper's dense layers (WRN-28-2's
+first conv, 1x1 shortcut convs and classifier, :func:`paper_dense_names`) stay dense by default
+(``paper_dense_layers``; false reparameterizes every selected weight, as for ResNet-50, whose
+classifier the paper made sparse); the overall sparsity over the selected weights is then lower
+than ``sparsity``, which applies to the reparameterized tensors, as in the paper. K is a fraction
+of the model (above) rather than absolute, so that it carries across model sizes.
 """
 
 from __future__ import annotations
@@ -162,7 +169,8 @@ class DSR(Method):
             (default: the paper's 100/200/400/800 at epochs 0/25/80/140 of 200).
         stop: no reparameterization after this point (None: never stop).
         paper_dense_layers: keep the paper's dense layers (see :func:`paper_dense_names`) dense
-            by giving them all-ones masks that DSR never touches.
+            by giving them all-ones masks that DSR never touches (default, as the paper's WRN;
+            false makes every selected weight reparameterized).
     """
 
     def __init__(
@@ -176,7 +184,7 @@ class DSR(Method):
         period_starts: Sequence[float] = (0.0, 0.125, 0.4, 0.7),
         stop: float | None = 0.95,
         unit: str = "fraction",
-        paper_dense_layers: bool = False,
+        paper_dense_layers: bool = True,
         **common: Any,
     ) -> None:
         super().__init__(**common)
