@@ -15,6 +15,8 @@ Two storage modes share this class:
 * kept values (:meth:`keep_masked_values`): the values under the mask are remembered in a shadow
   copy and come back when the mask grows over them. This is the forward-time masking that nested
   sub-networks (AST) need: a sparser sub-network must not destroy weights a denser one uses.
+  With ``step_all`` the optimizer steps the kept values too (only the gradient is masked), as a
+  model that masks only in its forward would.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Sparsifier:
         self._density_sum = dict.fromkeys(self.params, 0.0)
         self.backward_passes = 0  # over all completed steps (micro-batches of accumulation)
         self._shadow: dict[str, torch.Tensor] | None = None
+        self._step_kept = False
         self._handles: list[Any] = []
         # Called with a parameter's name whenever its mask is replaced (sparse kernels rebuild
         # their structures then, and only then).
@@ -148,10 +151,16 @@ class Sparsifier:
         for name, mask in masks.items():
             self.set_mask(name, mask)
 
-    def keep_masked_values(self) -> None:
-        """Switch to kept-values mode: remember the current dense weights under every mask."""
+    def keep_masked_values(self, step_all: bool = False) -> None:
+        """Switch to kept-values mode: remember the current dense weights under every mask.
+
+        ``step_all``: every optimizer step also updates the kept values (momentum and weight
+        decay move them; their gradient is zero unless a method wrote one), instead of freezing
+        them until their mask returns.
+        """
         if self._shadow is None:
             self._shadow = {n: p.detach().clone() for n, p in self.params.items()}
+        self._step_kept = bool(step_all)
 
     @property
     def keeps_values(self) -> bool:
@@ -275,10 +284,18 @@ class Sparsifier:
                     p.grad = None
         elif self.kernels is not None:
             self.kernels.before_step(optimizer, args, kwargs)
+        if self._step_kept:  # the step sees the whole weight, kept values included
+            with torch.no_grad():
+                for n in self._enforced:
+                    self.params[n].copy_(self.dense_value(n))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.inputs is not None:
             self._release_capture()
+        if self._step_kept:
+            with torch.no_grad():
+                for n in self._enforced:
+                    self._shadow[n].copy_(self.params[n])
         self.apply_masks(skip=self.kernels.after_step() if self.kernels is not None else ())
         self.step += 1
         self.backward_passes += max(1, self.gradients.take_backward_count())

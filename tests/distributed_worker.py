@@ -73,9 +73,7 @@ def instrumented(rank: int, grads: dict[int, str]):
 
         def before_step(sparsifier, t):
             if method.needs_dense_grad(t):  # what the method ranks: the reduced dense gradient
-                grads[f"dense{t}"] = tensor_digest(
-                    {n: sparsifier.dense_grad(n) for n in sp.params}
-                )
+                grads[f"dense{t}"] = tensor_digest({n: sparsifier.dense_grad(n) for n in sp.params})
             if t % STEPS_PER_EPOCH == 0:
                 grads[t] = tensor_digest({n: p.grad for n, p in sp.params.items()})
             return before(sparsifier, t)

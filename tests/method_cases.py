@@ -36,11 +36,21 @@ CASES: dict[str, dict] = {
     # Reparameterizes after steps 10, 20, 30 (P = 10) and 40 (P = 20 after step 30; stop at 54).
     "dsr": {
         "sparsity": 0.8,
-        "options": {"periods": [10, 20], "period_starts": [0, 0.5], "stop": 0.9, "threshold": 0.01},
+        "options": {
+            "periods": [10, 20],
+            "period_starts": [0, 0.5],
+            "stop": 0.9,
+            "threshold": 0.01,
+            "paper_dense_layers": False,
+        },
+        # Every selected weight is reparameterized, so the exact count covers them all (the
+        # paper's dense layers, the default, are tested in test_dsr).
         "final_sparsity": 0.8,
     },
     # 2 rounds x 2 groups of 12 steps: prune-back/grow at 12, 24, 36; last prune at 48, fine-tune.
-    "gap": {"sparsity": 0.8, "options": {"groups": 2}, "final_sparsity": 0.8},
+    # Every selected weight is grouped, so the exact count covers them all (the dense stem, the
+    # default, is tested in test_gap and test_pgap).
+    "gap": {"sparsity": 0.8, "options": {"groups": 2, "dense_stem": False}, "final_sparsity": 0.8},
     # Sub-network k updates at its first own step from 2k + 6j; the ramp ends at 42, the last
     # pruning updates are at 43, 44 and 48. After step 60, sub-network 60 mod 3 = 0 is active.
     "ast": {

@@ -208,8 +208,15 @@ def test_unnested_nm_needs_no_multiple():
 
 
 # ---------------------------------------------------------- alternation and kept values
-def test_gradient_outside_active_mask_is_zero_and_other_weights_keep_their_values():
-    model, opt, sp = _setup()
+def test_one_sgd_step_moves_every_shared_weight_though_only_the_active_ones_get_gradient():
+    """As in the reference (masks in the forward only): momentum and weight decay move weights
+    outside the active mask too, which the sub-networks using them keep."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sp = st.sparsify(
+        model, opt, method="ast", sparsity=SPARSITIES, total_steps=STEPS, update_every=6
+    )
     data = _data()
     _train(model, opt, 50, data)
     for t in range(51, 54):  # one step of each sub-network
@@ -222,11 +229,26 @@ def test_gradient_outside_active_mask_is_zero_and_other_weights_keep_their_value
         for name, p in sp.params.items():
             off = ~mask[name]
             assert bool((p.grad[off] == 0).all()), name
-            assert torch.equal(sp.dense_value(name)[off], dense[name][off]), name
-            assert not torch.equal(sp.dense_value(name)[~off], dense[name][~off]), name
             buffer = opt.state[p]["momentum_buffer"]
-            torch.testing.assert_close(buffer[off], 0.9 * momentum[name][off])
-            assert bool(buffer[off].abs().sum() > 0), name  # shared momentum is never zeroed
+            expected = 0.9 * momentum[name][off] + 5e-4 * dense[name][off]
+            torch.testing.assert_close(buffer[off], expected)
+            moved = dense[name][off] - 0.05 * expected
+            torch.testing.assert_close(sp.dense_value(name)[off], moved)
+            assert not off.any() or bool(buffer[off].abs().sum() > 0), name  # never zeroed
+            assert torch.equal(p, sp.dense_value(name) * sp.mask(name)), name  # the next W * M
+
+
+def test_defaults_follow_the_reference_scripts():
+    _, _, sp = _setup(update_every=None)
+    assert not sp.method.grad_correction  # run_cifar.sh never passes --pc_grad
+    assert sp.method.update_every == 3  # 999 / 62,560 of 60 steps, at least K
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.sparsify(
+        model, opt, method="ast", sparsity=[0.5, 0.75, 0.875], nm=NM, total_steps=62560
+    )
+    assert sp.method.grad_correction  # run_nm_cifar.sh passes --pc_grad
+    assert sp.method.update_every == 999  # the reference's own run length
 
 
 def test_step_t_trains_subnet_t_minus_1_mod_k_with_its_own_batchnorm():
@@ -288,7 +310,7 @@ def _correction_run(grads, **options):
         total_steps=100,
         prune_window=(0.5, 0.9),
         update_every=10,
-        **options,
+        **{"grad_correction": True, **options},
     )
     used = []
     for g in grads:
@@ -333,15 +355,17 @@ def test_correction_leaves_agreeing_gradients_alone_and_can_be_turned_off():
     assert torch.equal(deltas[2], g1)  # step 3 starts a group of 2
 
 
-def test_projection_stays_inside_the_mask_and_removes_the_conflict():
+def test_projection_is_pcgrads_against_the_whole_previous_gradient():
     g = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
     mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(2)) > 0.4
     g = g * mask
     previous = -g + 0.5 * torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
-    fired = project_conflicting({"w": g}, {"w": previous}, {"w": mask})
+    expected = g - (g * previous).sum() / (previous * previous).sum() * previous
+    fired = project_conflicting({"w": g}, {"w": previous})
     assert int(fired) == 1
-    assert bool((g[~mask] == 0).all())
-    assert abs(float((g * previous).sum())) < 1e-5
+    torch.testing.assert_close(g, expected)
+    assert abs(float((g * previous).sum())) < 1e-5  # the conflict is removed
+    assert bool((g[~mask] != 0).any())  # it reaches the previous sub-network's weights too
 
 
 # -------------------------------------------------------------------- inference

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -313,3 +314,16 @@ def test_dense_gradient_steps_are_charged_in_training_flops():
     assert plain.training_flops == 3 * 16 * 10 * 2
     assert grown.training_flops - plain.training_flops == 3 * (64 - 16) * 2
     assert grown.training_flops_dense == plain.training_flops_dense
+
+
+def test_the_shipped_quick_grid_gives_every_cell_over_a_hundred_steps(tmp_path):
+    """One epoch on 5k images (39 steps) left four methods at exactly chance."""
+    from sparsetrain.compare.grid import expand, load_grid
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / "compare.yaml", quick=True)
+    for cell in expand(grid):
+        config = grid.config_for(cell, tmp_path / cell.key)
+        steps = config.train.epochs * (
+            config.data.options["train_subset"] // config.train.batch_size
+        )
+        assert steps >= 100, cell.key

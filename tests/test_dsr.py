@@ -23,6 +23,8 @@ def _two_layers() -> nn.Module:
 
 
 def _dsr(model, sparsity=0.5, total_steps=100, steps_per_epoch=10, seed=0, **options):
+    """DSR on ``model``; the toy models here reparameterize every layer unless told otherwise."""
+    options = {"paper_dense_layers": False, **options}
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sp = st.sparsify(
         model,
@@ -292,11 +294,15 @@ class _WrnLike(nn.Module):
         return self.fc((self.conv(x) + self.shortcut(x)).mean(dim=(2, 3)))
 
 
-def test_paper_dense_layers_stay_dense():
+def test_paper_dense_layers_stay_dense_by_default_or_can_be_reparameterized():
     model = _WrnLike()
     shapes = {n: p.shape for n, p in model.named_parameters() if p.dim() >= 2}
     dense = ["stem.weight", "shortcut.weight", "fc.weight"]
     assert paper_dense_names(shapes) == dense
+    off, _ = _dsr(_WrnLike(), sparsity=0.9)
+    assert off.method.names == list(shapes) and set(off.targets.values()) == {0.9}
+    default = st.sparsify(_WrnLike(), None, method="dsr", sparsity=0.9, total_steps=100)
+    assert default.method.names == ["conv.weight"]
     sp, opt = _dsr(
         model, sparsity=0.9, paper_dense_layers=True, periods=[2], period_starts=[0], threshold=0.05
     )
@@ -335,3 +341,10 @@ def test_target_prune_absolute_or_fraction():
 def test_bad_options_are_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         _dsr(_two_layers(), **kwargs)
+
+
+def test_models_without_convolutions_keep_every_weight_reparameterized():
+    shapes = {"fc1.weight": torch.Size([300, 784]), "fc2.weight": torch.Size([10, 300])}
+    assert paper_dense_names(shapes) == []
+    sp = st.sparsify(_two_layers(), None, method="dsr", sparsity=0.9, total_steps=100)
+    assert sp.method.names == list(sp.params)

@@ -156,6 +156,21 @@ def _one_layer_rigl(grad: torch.Tensor, **options):
     return sp, model
 
 
+def test_rigl_keeps_the_first_layer_dense_under_uniform_only_as_the_reference():
+    def build(**options):
+        torch.manual_seed(0)
+        model = TinyCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return st.sparsify(model, opt, method="rigl", sparsity=0.9, total_steps=60, **options)
+
+    uniform = build(distribution="uniform")
+    assert uniform.targets == {**dict.fromkeys(uniform.params, 0.9), "conv1.weight": 0.0}
+    assert bool(uniform.mask("conv1.weight").all())
+    assert build(distribution="uniform", dense_first_layer=False).targets["conv1.weight"] == 0.9
+    assert build().targets == build(dense_first_layer=False).targets  # ERK: no layer forced dense
+    assert build(dense_first_layer=True).targets["conv1.weight"] == 0.0
+
+
 def test_rigl_grows_where_the_dense_gradient_is_largest():
     grad = torch.tensor([[0.2, 0.05, 0.9, -0.4], [0.1, -1.5, 0.3, 0.6]])
     sp, model = _one_layer_rigl(grad)

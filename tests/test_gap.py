@@ -262,7 +262,29 @@ def test_group_zero_is_dense_from_the_start_and_the_others_random_at_their_ratio
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = st.sparsify(model, opt, method="gap", sparsity=0.9, total_steps=STEPS, groups=2)
     assert _state(sp) == ["dense", "ratio", "ratio"]
-    assert sp.targets == dict.fromkeys(sp.params, 0.9)
+    assert sp.targets == {**dict.fromkeys(sp.params, 0.9), "conv1.weight": 0.0}
+
+
+def test_the_stem_conv_stays_dense_in_no_group_unless_turned_off():
+    seen = []
+    sp, _ = _train(watch=lambda t, sp, *_: seen.append(bool(sp.mask("conv1.weight").all())))
+    assert sp.method.stem == ["conv1.weight"] and all(seen)
+    assert "conv1.weight" not in {n for names in sp.method.partition.groups for n in names}
+    assert sp.sparsity == pytest.approx(
+        0.8 * (1 - 72 / sum(p.numel() for p in sp.params.values())), abs=1e-3
+    )
+    sp, _ = _train(dense_stem=False)
+    assert sp.method.stem == [] and sp.targets["conv1.weight"] == 0.8
+
+
+def test_a_three_layer_mlp_gets_three_groups_by_default(caplog):
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("INFO", logger="sparsetrain.methods.gap.method"):
+        sp = st.sparsify(model, opt, method="gap", sparsity=0.5, total_steps=STEPS)
+    assert len(sp.method.partition) == 3 and sp.method.stem == []  # no conv: no stem
+    assert len(sp.method.phases) == 2 * 3 + 1
+    assert "3 groups (the default 4, capped at the 3 sparse layers" in caplog.text
 
 
 def test_prune_back_touches_only_the_grown_group_by_magnitude_and_grown_weights_start_at_0():
@@ -317,17 +339,43 @@ def test_continuous_optimizer_state_is_kept_and_masked_without_restart():
     _train(watch=watch, groups=2, optimizer="adamw", restart_optimizer=False)
 
 
-def test_global_ratios_come_from_the_initial_weights_and_are_kept():
+def test_global_ratios_come_from_the_trained_weights_of_round_one_and_are_then_kept():
+    recorded, targets = {}, {}
+
+    def watch(t, sp, opt, before, weights):
+        if t in (8, 16):  # each group's first prune-back: its trained dense weights
+            for n in sp.method.partition.groups[sp.method.dense_group(t - 1)]:
+                recorded[n] = weights[n]
+        targets[t] = dict(sp.targets)
+
+    sp, _ = _train(watch=watch, groups=2, distribution="global")
+    expected = global_magnitude(recorded, 0.8)
+    assert sp.method.ratios == expected and len(set(expected.values())) > 1
+    group0, group1 = sp.method.partition.groups
+    assert all(targets[8][n] == 0.8 for n in group0)  # round 1 runs at the uniform ratio
+    assert all(targets[16][n] == expected[n] for n in group1)  # fixed as round 1 ends
+    assert all(targets[16][n] == 0.8 for n in group0)  # ... group 0 at its next prune-back
+    assert all(targets[24][n] == expected[n] for n in group0)
+    zeros = sum(int((~sp.mask(n)).sum()) for n in expected)
+    assert zeros / sum(sp.params[n].numel() for n in expected) == pytest.approx(0.8, abs=0.01)
+
+
+def test_the_lr_warm_up_restarts_at_every_phase_and_the_lr_is_restored():
+    seen = []
     torch.manual_seed(0)
     model = TinyCNN()
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() >= 2}
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = st.sparsify(
-        model, opt, method="gap", sparsity=0.8, total_steps=STEPS, distribution="global"
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt.register_step_post_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
+    st.sparsify(
+        model, opt, method="gap", sparsity=0.8, total_steps=STEPS, groups=2, restart_warmup=0.5
     )
-    expected = global_magnitude(initial, 0.8)
-    assert sp.targets == expected
-    assert len(set(expected.values())) > 1
+    for _ in range(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 1, 16, 16)), torch.randint(0, 4, (8,))).backward()
+        opt.step()
+    ramp = [0.05 * f for f in (0.25, 0.5, 0.75, 1, 1, 1, 1, 1)]  # phases of 8 steps, W = 4
+    assert seen == pytest.approx(ramp * 5)
+    assert opt.param_groups[0]["lr"] == 0.05
 
 
 def test_bad_options_are_errors():
@@ -354,17 +402,23 @@ def test_resuming_with_another_schedule_is_refused():
 
     build(2).load_state_dict(build(2).state_dict())
     with pytest.raises(st.CheckpointError, match="GaP schedule"):
-        build(4).load_state_dict(build(2).state_dict())
+        build(3).load_state_dict(build(2).state_dict())
 
 
 @pytest.mark.parametrize(
     ("name", "layout"),
-    [("gap", [100] * 8 + [200]), ("pgap", [200] * 4 + [200])],
+    [("gap", [133, 134, 133, 133, 134, 133, 200]), ("pgap", [200] * 4 + [200])],
 )
 def test_shipped_configs_build_their_documented_layout(name, layout):
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     s = config.sparsity
     common = dict(sparsity=s.sparsity, total_steps=config.train.epochs * 100, steps_per_epoch=100)
-    method = build_method("gap", {**common, "distribution": s.distribution}, s.options)
+    if name == "gap":  # the group count is capped at the small CNN's layers after the stem
+        model = build_model(config.model.name)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        method = st.sparsify(model, opt, method="gap", **common, **s.options).method
+        assert len(method.partition) == 3 and method.stem == ["features.0.weight"]
+    else:
+        method = build_method("gap", {**common, "distribution": s.distribution}, s.options)
     assert [p.length for p in method.phases] == layout
     assert method.parallel == (name == "pgap")

@@ -36,7 +36,7 @@ def run_tiny(workers: str = "sequential", **overrides) -> "st.pgap.PGaPResult":
     return pgap_train(TinyCNN, tiny_data(), workers=workers, **{**TINY, **overrides})
 
 
-def test_merge_takes_each_group_from_its_worker_and_averages_the_rest_in_order():
+def test_merge_takes_each_group_from_its_worker_and_the_rest_from_worker_0():
     states = [
         {
             "a.weight": torch.full((2,), float(k)),
@@ -50,15 +50,11 @@ def test_merge_takes_each_group_from_its_worker_and_averages_the_rest_in_order()
     merged = merge_workers(states, [["a.weight", "a.bias"], [], ["b.weight"]])
     assert merged["a.weight"].tolist() == [0.0, 0.0] and merged["a.bias"].item() == 10.0
     assert merged["b.weight"].tolist() == [22.0, 22.0]
-    expected = (states[0]["norm.mean"] + states[1]["norm.mean"] + states[2]["norm.mean"]) / 3
-    assert torch.equal(merged["norm.mean"], expected)  # summed in worker order: same bits
-    assert merged["norm.count"].item() == 5  # integer buffers from worker 0
-    partial = [
-        {"g0": torch.ones(1), "x": torch.ones(1)},
-        {"g1": torch.zeros(1), "x": torch.zeros(1)},
-    ]
+    assert torch.equal(merged["norm.mean"], states[0]["norm.mean"])  # in no group: worker 0's
+    assert merged["norm.count"].item() == 5
+    partial = [{"g0": torch.ones(1), "x": torch.ones(1)}, {"g1": torch.zeros(1)}]
     merged = merge_workers(partial, [["g0"], ["g1"]])
-    assert merged == {"g0": torch.ones(1), "x": torch.full((1,), 0.5), "g1": torch.zeros(1)}
+    assert merged == {"g0": torch.ones(1), "x": torch.ones(1), "g1": torch.zeros(1)}
 
 
 def test_merge_takes_each_groups_batchnorm_from_the_worker_that_grew_its_conv():
@@ -91,8 +87,11 @@ def test_merge_takes_each_groups_batchnorm_from_the_worker_that_grew_its_conv():
 def test_sequential_run_ends_at_the_ratios_and_is_reproducible():
     result = run_tiny()
     sp = result.sparsifier
+    assert sp.targets["conv1.weight"] == 0.0 and bool(sp.mask("conv1.weight").all())  # the stem
+    assert "conv1.weight" not in {n for names in result.partition.groups for n in names}
     for name, p in sp.params.items():
-        assert int(sp.mask(name).sum()) == mask_ops.n_keep(p.numel(), 0.8), name
+        expected = 0.0 if name == "conv1.weight" else 0.8
+        assert int(sp.mask(name).sum()) == mask_ops.n_keep(p.numel(), expected), name
         assert torch.all(p[~sp.mask(name)] == 0)
     assert [r["phase"] for r in result.records] == ["pgap_round", "pgap_round", "finetune"]
     assert [r["step"] for r in result.records] == [6, 12, 18]
@@ -112,6 +111,43 @@ def test_ungrouped_layers_keep_their_initial_random_mask():
         mask_ops.generator_for(TINY["seed"], "fc2.weight", 0),
     )
     assert torch.equal(sp.mask("fc2.weight"), initial)
+
+
+def test_every_worker_and_the_finetune_restart_a_linear_lr_warm_up():
+    lrs: list[float] = []
+
+    def optimizer_fn(params):
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
+        return opt
+
+    run_tiny(optimizer_fn=optimizer_fn, restart_warmup=0.5)
+    ramp = [0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.1, 0.1]  # phases of 6 steps, W = 3
+    assert lrs == pytest.approx(ramp * 5)  # 2 rounds x 2 workers, then the fine-tune
+
+
+def test_the_runner_scales_warm_up_and_milestones_to_each_phase():
+    from sparsetrain.train.config import LRScheduleConfig
+    from sparsetrain.train.parallel_gap import phase_lr_factor
+
+    # A 10-epoch run of 10 steps per epoch; a phase of 20 steps (a fifth of the run).
+    warm = phase_lr_factor(LRScheduleConfig("constant", warmup_epochs=5.0), 10, 100, 20)
+    assert [warm(t) for t in (0, 9, 10, 19)] == pytest.approx([0.1, 1.0, 1.0, 1.0])
+    step = phase_lr_factor(LRScheduleConfig("step", milestones=(5.0, 7.5)), 10, 100, 20)
+    assert [step(t) for t in (9, 10, 14, 15)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
+def test_batchnorm_statistics_are_recalibrated_after_each_prune_back():
+    def counts(**options):
+        result = run_tiny(total_steps=12, **options)  # 2 rounds, no fine-tune
+        bns = [m for m in result.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert all(m.momentum == 0.1 for m in bns)
+        return [int(m.num_batches_tracked) for m in bns], [m.running_var.clone() for m in bns]
+
+    recalibrated, var = counts(recalibrate_bn=5)
+    stale, stale_var = counts(recalibrate_bn=0)
+    assert recalibrated == [5, 5] and stale == [12, 12]  # reset + 5 batches / 2 rounds of 6
+    assert not torch.equal(var[1], stale_var[1])
 
 
 class _Indexed(Dataset):

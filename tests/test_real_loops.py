@@ -92,7 +92,9 @@ def test_rigl_grown_weights_are_the_top_dense_gradients():
     every grown weight in a handful of rows)."""
     model = mlp(torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = rigl(model, opt, update_every=1, alpha=0.2, drop_schedule="constant")
+    sp = rigl(
+        model, opt, update_every=1, alpha=0.2, drop_schedule="constant", dense_first_layer=False
+    )
     x, y = batches(1, dtype=torch.float64)[0]
     before = sp.masks
     weights = [p for p in sp.params.values()]

@@ -18,6 +18,13 @@ K, the number of weights to prune per step, is absolute in the paper (20,000 for
 it to other models it defaults to ``target_prune_fraction`` = 0.0138 of the reparameterized
 weights, active and inactive alike (the paper kept K fixed across sparsities); ``target_prune``
 sets it absolutely.
+
+Defaults that differ from the paper or its code, and why: the paper's dense layers (WRN-28-2's
+first conv, 1x1 shortcut convs and classifier, :func:`paper_dense_names`) stay dense by default
+(``paper_dense_layers``; false reparameterizes every selected weight, as for ResNet-50, whose
+classifier the paper made sparse); the overall sparsity over the selected weights is then lower
+than ``sparsity``, which applies to the reparameterized tensors, as in the paper. K is a fraction
+of the model (above) rather than absolute, so that it carries across model sizes.
 """
 
 from __future__ import annotations
@@ -131,10 +138,14 @@ def paper_dense_names(shapes: Mapping[str, torch.Size]) -> list[str]:
     First conv = the first 4-d weight; 1x1 convs = 4-d weights with a 1x1 kernel (shortcut and
     downsample convs); last layer = the last sparse parameter. In a bottleneck ResNet this also
     keeps the bottleneck 1x1 convs dense, which the paper's ResNet-50 did not: exclude layers by
-    name there instead.
+    name there instead. A model without convolutions (an MLP, a Transformer) has none of these
+    layers, and its last sparse weight need not be a classifier (a GPT's head is tied to the
+    embedding and dense anyway): nothing is kept dense there.
     """
     names = list(shapes)
     convs = [n for n in names if len(shapes[n]) == 4]
+    if not convs:
+        return []
     dense = {n for n in convs if tuple(shapes[n][2:]) == (1, 1)}
     dense.update(convs[:1] + names[-1:])
     return [n for n in names if n in dense]
@@ -162,7 +173,8 @@ class DSR(Method):
             (default: the paper's 100/200/400/800 at epochs 0/25/80/140 of 200).
         stop: no reparameterization after this point (None: never stop).
         paper_dense_layers: keep the paper's dense layers (see :func:`paper_dense_names`) dense
-            by giving them all-ones masks that DSR never touches.
+            by giving them all-ones masks that DSR never touches (default, as the paper's WRN;
+            false makes every selected weight reparameterized).
     """
 
     def __init__(
@@ -176,7 +188,7 @@ class DSR(Method):
         period_starts: Sequence[float] = (0.0, 0.125, 0.4, 0.7),
         stop: float | None = 0.95,
         unit: str = "fraction",
-        paper_dense_layers: bool = False,
+        paper_dense_layers: bool = True,
         **common: Any,
     ) -> None:
         super().__init__(**common)

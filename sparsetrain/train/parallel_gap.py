@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,35 @@ from sparsetrain.methods.gap.parallel.driver import pgap_train
 from sparsetrain.train import distributed
 from sparsetrain.train.builders import build_data, build_model_for, layer_kwargs, seed_everything
 from sparsetrain.train.checkpoint import save_checkpoint, state_checkpoint
-from sparsetrain.train.config import Config, resolve, save_config
+from sparsetrain.train.config import Config, LRScheduleConfig, resolve, save_config
 from sparsetrain.train.epochs import append_metrics, evaluate
 from sparsetrain.train.optim import build_optimizer, lr_factor
 from sparsetrain.train.outputs import write_report
 from sparsetrain.train.rundir import claim_run_dir, tidy_run_dir
 from sparsetrain.train.state import RunResult, TrainState
 
-__all__ = ["run_pgap"]
+__all__ = ["phase_lr_factor", "run_pgap"]
 
 log = logging.getLogger(__name__)
+
+
+def phase_lr_factor(
+    config: LRScheduleConfig, steps_per_epoch: int, run_steps: int, phase_steps: int
+) -> Callable[[int], float]:
+    """The run's lr schedule squeezed into one P-GaP phase of ``phase_steps`` steps.
+
+    Every worker and the fine-tune restart the schedule, so its warm-up and step milestones,
+    given in epochs of the whole run (``run_steps``), are scaled to the phase: a 1-epoch warm-up
+    of a 10-epoch run warms up the first tenth of each phase (read in absolute epochs, a warm-up
+    longer than a round would never reach the peak lr and no milestone past it would fire).
+    """
+    scale = phase_steps / max(1, run_steps)
+    phase = dataclasses.replace(
+        config,
+        warmup_epochs=config.warmup_epochs * scale,
+        milestones=tuple(m * scale for m in config.milestones),
+    )
+    return lr_factor(phase, steps_per_epoch, phase_steps)
 
 
 def run_pgap(config: Config, overwrite: bool = False) -> RunResult:
@@ -35,7 +55,8 @@ def run_pgap(config: Config, overwrite: bool = False) -> RunResult:
     rounds, then the fine-tune. Only rank 0 writes the run directory, with the same files as the
     training loop; ``metrics.jsonl`` has a record per round (phase ``pgap_round``) and per
     fine-tune epoch. Like the training loop it refuses a run directory holding another run
-    unless ``overwrite``.
+    unless ``overwrite``. Each phase runs the config's lr schedule scaled to its length
+    (:func:`phase_lr_factor`).
     """
     config = resolve(config)
     device = torch.device(config.train.device)
@@ -84,7 +105,9 @@ def run_pgap(config: Config, overwrite: bool = False) -> RunResult:
         total_steps=total,
         batch_size=config.train.batch_size,
         optimizer_fn=lambda params: build_optimizer(params, config.optimizer),
-        lr_factor_fn=lambda steps: lr_factor(config.lr_schedule, steps_per_epoch, steps),
+        lr_factor_fn=lambda steps: phase_lr_factor(
+            config.lr_schedule, steps_per_epoch, total, steps
+        ),
         workers="distributed" if world else "sequential",
         seed=config.train.seed,
         mask_seed=s.seed,

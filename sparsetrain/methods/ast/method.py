@@ -6,23 +6,34 @@ One set of weights holds K sub-networks of increasing sparsity (densest first), 
 mask on every sparse tensor (:class:`~sparsetrain.methods.ast.subnet_masks.SubnetMasks`) and its own
 BatchNorm (:mod:`sparsetrain.methods.ast.switchable_bn`; the first BatchNorm stays shared). Step ``t`` trains
 only sub-network ``(t - 1) mod K`` with the one optimizer, so the run costs one ordinary training.
-Masks use the sparsifier's kept-values mode: weights outside the active mask keep their values for
-the sub-networks that use them, get a zero gradient and do not move (in the reference, momentum
-still moves them), and their optimizer state is never zeroed.
+Masks use the sparsifier's kept-values mode with ``step_all``: weights outside the active mask keep
+their values for the sub-networks that use them and get a zero gradient, but every optimizer step
+applies to all shared weights (momentum and weight decay move them too), and their optimizer state
+is never zeroed, as in the reference, whose layers mask only in the forward. Nesting is a property
+of the masks and is kept whatever the weights do.
 
 Masks follow GraNet: a cubic global magnitude ramp from dense to each sub-network's sparsity over
 ``prune_window``, and at every update a layer-wise prune-and-regrow (drop the smallest |w|, grow
 the largest |dL/d(W*M)|, the dense gradient of the sub-network's own last step; the released code
 grows with the masked one). Sub-network ``k`` updates every ``update_every`` steps, ``k *
-update_offset`` steps after sub-network 0, at its first own step from each grid point. With
+update_offset`` steps after sub-network 0, at its first own step from each grid point. By default
+``update_every`` is the reference CIFAR script's rate scaled to the run: 999 of its 62,560 steps
+(160 epochs of 391), i.e. about 62 updates per sub-network in any run length, rounded to a
+multiple of K (the reference only updates on multiples of K); a 62,560-step run gets exactly 999.
+A fixed 999 (or ImageNet's 4,000) would give a Fashion-MNIST run of a few hundred steps no update
+at all. With
 ``nested`` every mask stays inside the next denser one: chosen inside it, and repaired after a
 denser update. ``nm=[(2, 4), (1, 4), (1, 8)]`` makes the sub-networks N:M along input channels:
 the fraction of N:M groups ramps cubically over the window, then the masks are frozen.
 
-Gradient correction (:mod:`sparsetrain.methods.ast.grad_correction`), on by default, projects the active
-sub-network's masked gradient off the previous step's where they conflict, within inner groups of
-``inner_group_size`` consecutive steps (K by default: one cycle; none across a group's start, none
-at the first step); the *uncorrected* gradient is kept for the next step.
+Gradient correction (:mod:`sparsetrain.methods.ast.grad_correction`) projects the active
+sub-network's gradient off the previous step's where they conflict (PCGrad's rule per weight
+tensor), within inner groups of ``inner_group_size`` consecutive steps (K by default: one cycle;
+none across a group's start, none at the first step); the *uncorrected* gradient is kept for the
+next step (the released code stores it before correcting, so its correction never fires). By
+default it is off for unstructured sub-networks and on for N:M ones, as the reference scripts run
+it at CIFAR scale (``run_cifar.sh`` never passes ``--pc_grad``; ``run_nm_cifar.sh`` does, and so
+does the ImageNet script).
 """
 
 from __future__ import annotations
@@ -56,15 +67,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The reference CIFAR script updates each sub-network's mask every 999 of its 62,560 steps.
+REFERENCE_UPDATE_EVERY, REFERENCE_STEPS = 999, 160 * 391
+
+
+def reference_update_every(total_steps: int, num_subnets: int) -> int:
+    """The reference's update interval scaled to ``total_steps``, a multiple of the sub-networks."""
+    scaled = total_steps * REFERENCE_UPDATE_EVERY / REFERENCE_STEPS
+    return max(num_subnets, num_subnets * round(scaled / num_subnets))
+
 
 @register_method("ast")
 class AST(Method):
     """K nested sub-networks in one run; ``sp.use_subnet(i)`` switches them at inference.
 
     ``prune_window`` (start, end) is in ``unit`` (fraction of training by default);
-    ``update_every`` / ``update_offset`` in optimizer steps (offset default: update_every // K);
-    ``death_rate`` decays by cosine to 0 at the end of training (0 disables regrowth); ``nm`` is
-    one (N, M) per sub-network, whose sparsities 1 - N/M must equal ``sparsity``.
+    ``update_every`` / ``update_offset`` in optimizer steps (defaults: the reference's rate scaled
+    to the run, see the module docstring / update_every // K); ``death_rate`` decays by cosine to 0
+    at the end of training (0 disables regrowth); ``grad_correction`` (default: on for N:M only);
+    ``nm`` is one (N, M) per sub-network, whose sparsities 1 - N/M must equal ``sparsity``.
     """
 
     default_distribution: ClassVar[str] = "global"
@@ -75,11 +96,11 @@ class AST(Method):
         *,
         prune_window: Sequence[float] = (0.0, 0.7),
         unit: str = "fraction",
-        update_every: int = 100,
+        update_every: int | None = None,
         update_offset: int | None = None,
         death_rate: float = 0.5,
         nested: bool = True,
-        grad_correction: bool = True,
+        grad_correction: bool | None = None,
         inner_group_size: int | None = None,
         nm: Sequence[Sequence[int]] | None = None,
         nm_skip_incompatible: bool = False,
@@ -103,6 +124,8 @@ class AST(Method):
             raise ConfigError(f"ast: prune_window ends at step {end}, after the last step")
         if not 0.0 <= float(death_rate) <= 1.0:
             raise ConfigError(f"ast: death_rate must be in [0, 1], got {death_rate!r}")
+        if update_every is None:
+            update_every = reference_update_every(int(self.total_steps), k)
         offset = int(update_every) // k if update_offset is None else int(update_offset)
         group = k if inner_group_size is None else int(inner_group_size)
         if offset < 0 or group < 1:
@@ -111,7 +134,9 @@ class AST(Method):
         self.nm_ramp = Cubic(0.0, 1.0, start, end)  # fraction of N:M groups
         self.death_rate = Cosine(float(death_rate), self.total_steps)
         self.grids = [Every(int(update_every), i * offset + int(update_every)) for i in range(k)]
-        self.nested, self.grad_correction = bool(nested), bool(grad_correction)
+        self.update_every = int(update_every)
+        self.nested = bool(nested)
+        self.grad_correction = self.nm is not None if grad_correction is None else grad_correction
         self.inner_group_size = group
         self.nm_skip_incompatible = bool(nm_skip_incompatible)
         self.share_first_bn = bool(share_first_bn)
@@ -153,7 +178,7 @@ class AST(Method):
     def init_masks(self, sp: Sparsifier) -> None:
         """Dense masks for every sub-network; switchable BatchNorm put into ``sp.model``."""
         self._sp = sp
-        sp.keep_masked_values()  # before any mask: no weight may be lost
+        sp.keep_masked_values(step_all=True)  # before any mask: no weight may be lost
         self._bns = make_switchable(
             sp.model, self.num_subnets, share_first=self.share_first_bn, optimizer=sp.optimizer
         )
@@ -196,7 +221,7 @@ class AST(Method):
             keep = (index + 1) % group != 0  # the next step is in the same inner group
             self.prev_grad = {n: g.detach().clone() for n, g in grads.items()} if keep else None
             if previous is not None:
-                fired = project_conflicting(grads, previous, self.subnets.masks(k))
+                fired = project_conflicting(grads, previous)
                 if fired is not None:
                     self._conflicts = self._conflicts + fired
         return False

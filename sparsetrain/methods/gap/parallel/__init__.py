@@ -1,12 +1,15 @@
 """P-GaP: GaP's parallel variant, one process per group under ``torchrun`` or all in one process.
 
 Ma et al., ICLR 2022 (https://arxiv.org/abs/2106.09857); reference code
-https://github.com/boone891214/GaP. Every layer starts sparse with a random mask at its ratio.
-Each round, every worker starts from the same model, grows its own group of layers dense and
-trains ``step_length`` with a fresh optimizer and lr schedule. The workers' models are merged
-(:mod:`sparsetrain.methods.gap.parallel.merge`) and every grouped layer is pruned back to its ratio by per-layer
-magnitude (:mod:`sparsetrain.methods.gap.parallel.rounds`). After the rounds, the sparse model is fine-tuned
-(:mod:`sparsetrain.methods.gap.parallel.driver`).
+https://github.com/boone891214/GaP. Every layer but a dense stem conv (``dense_stem``, see
+:mod:`sparsetrain.methods.gap.method`) starts sparse with a random mask at its ratio. Each round,
+every worker starts from the same model, grows its own group of layers dense and trains
+``step_length`` with a fresh optimizer and lr schedule that restarts with a linear warm-up
+(``restart_warmup``), as every reference worker is a new training run. The workers' models are
+merged (:mod:`sparsetrain.methods.gap.parallel.merge`: each group from its worker, the rest from
+worker 0), every grouped layer is pruned back to its ratio by per-layer magnitude and the
+BatchNorm statistics are recalibrated (:mod:`sparsetrain.methods.gap.parallel.rounds`). After the
+rounds, the sparse model is fine-tuned (:mod:`sparsetrain.methods.gap.parallel.driver`).
 
 Determinism: worker k of round r seeds its data order and the global RNG (dropout) from
 (seed, r, k). The workers can therefore run one after another in one process

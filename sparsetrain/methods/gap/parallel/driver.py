@@ -27,8 +27,8 @@ from sparsetrain.collectives import (
 )
 from sparsetrain.errors import ConfigError
 from sparsetrain.masks import Sparsifier
-from sparsetrain.methods import Method, build_method
-from sparsetrain.methods.gap.method import DEFAULT_GROUPS, FINETUNE
+from sparsetrain.methods import build_method
+from sparsetrain.methods.gap.method import FINETUNE, GaP, choose_groups, warmup_factor
 from sparsetrain.methods.gap.parallel.phase import endless_batches
 from sparsetrain.methods.gap.parallel.rounds import Rounds
 from sparsetrain.methods.gap.partitions import Partition, make_partition
@@ -85,14 +85,14 @@ def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 def _initial_model(
     model_fn: Callable[[], nn.Module],
-    method: Method,
+    method: GaP,
     world: World | None,
     device: torch.device,
     seed: int,
     select: dict[str, Any],
     layer_sparsity: Mapping[str, float] | None = None,
 ) -> tuple[nn.Module, Sparsifier]:
-    """The same random model on every rank, every sparse layer random at its ratio."""
+    """The same random model on every rank, every sparse layer but the stem random at its ratio."""
     torch.manual_seed(seed)
     model = model_fn().to(device)
     if world:
@@ -102,7 +102,8 @@ def _initial_model(
         raise ConfigError("P-GaP: the model has no sparse weight (check include/exclude)")
     sp = Sparsifier(model, params)
     method.layer_sparsity = layer_overrides(layer_sparsity, list(params))
-    sp.targets = method.layer_targets(sp, method.sparsity)
+    method.sparse_layers(sp)
+    sp.targets = method.initial_targets(sp)
     sp.set_masks(
         {
             name: mask_ops.random_mask(
@@ -111,6 +112,7 @@ def _initial_model(
                 mask_ops.generator_for(method.seed, name, 0),
             )
             for name, p in params.items()
+            if name not in method.stem
         }
     )
     return model, sp
@@ -150,12 +152,13 @@ def pgap_train(
         data: the training set, a map-style dataset yielding ``(input, target)``.
         sparsity: fraction of zeros over the sparse weights; per-layer ratios from
             ``distribution`` (``uniform`` by default, ``global``: fixed ratios from one
-            magnitude threshold over the initial weights).
+            magnitude threshold over the weights merged after the first round).
         total_steps: one process's optimizer steps: the rounds, then the fine-tune.
         optimizer_fn: a fresh optimizer over the given parameters, for every worker and the
             fine-tune (default SGD lr 0.05, momentum 0.9, weight decay 5e-4).
         lr_factor_fn: ``steps -> (t -> lr multiplier)`` for a phase of ``steps`` optimizer steps;
-            each worker and the fine-tune restart it (default: a constant lr).
+            each worker and the fine-tune restart it (default: a constant lr), multiplied by
+            the linear warm-up over the first ``restart_warmup`` of the phase.
         workers: ``"sequential"`` (kappa workers in this process) or ``"distributed"`` (this
             process is one rank, launched by ``torchrun --nproc-per-node kappa``; the process
             group is joined once per process and left at exit).
@@ -169,9 +172,10 @@ def pgap_train(
             every fine-tune epoch.
         on_record: called with each record (phase, round or epoch, step, losses, sparsity) as it
             is made.
-        **options: GaP options: ``groups`` (kappa; default the world size, or 4 in sequential
-            mode) or ``partition``, ``rounds``, ``step_length``, ``finetune``, ``unit``,
-            ``shard`` (see :class:`sparsetrain.methods.gap.GaP`).
+        **options: GaP options: ``groups`` (kappa; default the world size, or in sequential
+            mode 4 capped at the number of sparse layers) or ``partition``, ``rounds``,
+            ``step_length``, ``finetune``, ``unit``, ``dense_stem``, ``restart_warmup``,
+            ``shard``, ``recalibrate_bn`` (see :class:`sparsetrain.methods.gap.GaP`).
     """
     world = _world(workers, device)
     device = world.device if world else torch.device(device)
@@ -180,25 +184,44 @@ def pgap_train(
     common.update(distribution=distribution, erk_power=erk_power, min_density=min_density)
     common["seed"] = seed if mask_seed is None else mask_seed
     method = build_method("gap", common, {**options, "parallel": True})
+    assert isinstance(method, GaP)
+    select = dict(include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last)
+    model, sp = _initial_model(model_fn, method, world, device, seed, select, layer_sparsity)
+    sparse = {n: p for n, p in sp.params.items() if n not in method.stem}
     explicit = method.groups is not None or method.partition_globs is not None
-    kappa = method.n_groups if explicit else world.size if world else DEFAULT_GROUPS
+    if explicit:
+        kappa = method.n_groups
+    else:
+        kappa = world.size if world else choose_groups(list(sparse), None, "P-GaP")
     if world and kappa != world.size:
         raise ConfigError(
             f"P-GaP runs one process per group: {kappa} groups need {kappa} processes "
             f"(torchrun --nproc-per-node {kappa}), got {world.size}"
         )
-    select = dict(include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last)
-    model, sp = _initial_model(model_fn, method, world, device, seed, select, layer_sparsity)
     globs = method.partition_globs
-    partition = make_partition(sp.params, None if globs else kappa, globs)
+    partition = method.partition = make_partition(sparse, None if globs else kappa, globs)
     log.info(
-        "P-GaP: %d groups, %d rounds, %s workers:\n%s\n%s",
+        "P-GaP: %d groups, %d rounds, %s workers%s:\n%s\n%s",
         kappa,
         method.rounds,
         workers,
+        f" (dense stem: {', '.join(method.stem)})" if method.stem else "",
         partition.describe({n: p.numel() for n, p in sp.params.items()}),
         method.phases.describe(steps_per_epoch),
     )
+    base_factor = lr_factor_fn or (lambda steps: lambda t: 1.0)
+
+    def phase_factor(steps: int) -> Callable[[int], float]:
+        """The phase's lr schedule times the warm-up every reference worker restarts."""
+        factor = base_factor(steps)
+        return lambda t: factor(t) * warmup_factor(t, steps, method.restart_warmup)
+
+    def retarget(sp: Sparsifier) -> None:
+        """``global``: ratios from the first merged (trained, dense) weights, then fixed."""
+        method.record_for_ratios(sp, {n: sp.params[n] for names in partition.groups for n in names})
+        if method.ratios is not None:
+            sp.targets.update(method.ratios)
+
     run = Rounds(
         model,
         sp,
@@ -210,8 +233,10 @@ def pgap_train(
         seed,
         device,
         optimizer_fn or _default_optimizer,
-        lr_factor_fn or (lambda steps: lambda t: 1.0),
+        phase_factor,
         loss_fn,
+        retarget,
+        method.recalibrate_bn,
     )
     records: list[dict[str, Any]] = []
 

@@ -3,6 +3,12 @@
 Worker k of round r seeds its data order and the global RNG (dropout) from (seed, r, k), so the
 workers may run one after another in one process or one per rank and give the same merged model.
 After every merge, hashes of the weights and masks are compared across ranks.
+
+After the prune-back, BatchNorm running statistics are recalibrated (``bn_batches`` forward
+passes in train mode without gradients, a cumulative average from reset statistics): the merged
+statistics were measured on the dense workers, and pruning a grown group back shifts its
+activations, which cost about 5 points of test accuracy on small_cnn at 95% until training had
+refreshed them. The reference does not recalibrate (its Transformer has LayerNorm only).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sparsetrain import mask_ops
-from sparsetrain.collectives import World, all_gather_object, tensor_digest
+from sparsetrain.collectives import World, all_gather_object, broadcast_tensors, tensor_digest
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.masks import Sparsifier
 from sparsetrain.methods.gap.parallel import phase
@@ -49,6 +55,8 @@ class Rounds:
     optimizer_fn: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
     lr_factor_fn: Callable[[int], Callable[[int], float]]
     loss_fn: Callable[..., torch.Tensor]
+    retarget: Callable[[Sparsifier], None] | None = None  # before each prune-back
+    bn_batches: int = 0
 
     def __post_init__(self) -> None:
         self.grouped = [name for names in self.partition.groups for name in names]
@@ -89,17 +97,20 @@ class Rounds:
             log.info(
                 "P-GaP round %d, worker %d: %d steps, train loss %.4f", r + 1, k, steps, losses[-1]
             )
-            if self.world is None:
+            if self.world is None:  # worker 0 also holds what is in no group
                 keep = set(self.group_keys[k])
                 states.append(
                     {
                         key: value.clone()
                         for key, value in self.model.state_dict().items()
-                        if key in keep or key not in self.owned
+                        if key in keep or (k == 0 and key not in self.owned)
                     }
                 )
         self.merge(states)
+        if self.retarget is not None:
+            self.retarget(self.sp)
         self.prune_back()
+        self.recalibrate_bn(r)
         if self.world:
             losses = [loss for part in all_gather_object(losses) for loss in part]
         return sum(losses) / len(losses)
@@ -126,6 +137,28 @@ class Rounds:
                 for n in self.grouped
             }
         )
+
+    @torch.no_grad()
+    def recalibrate_bn(self, r: int) -> None:
+        """Fresh BatchNorm statistics of the pruned model (the module docstring); rank 0's win."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or self.bn_batches <= 0:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the recalibration batches
+        generator = mask_ops.generator_for(self.seed, "pgap-bn", r)
+        batches = phase.endless_batches(self.data, self.batch_size, generator)
+        self.model.train()
+        for _ in range(self.bn_batches):
+            x, _ = next(batches)
+            self.model(x.to(self.device, non_blocking=True))
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        if self.world:  # CUDA kernels need not agree to the bit
+            buffers = [b for m in norms for b in m.buffers()]
+            broadcast_tensors(buffers, src=0)
 
     def digest(self, what: str) -> str:
         """Hash of weights, buffers and masks; with ranks, raises unless every rank's is equal."""
