@@ -204,7 +204,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(report.format())
     if report.sparsity.rows:
         out = args.output or Path(args.checkpoint).parent / "layer_sparsity.png"
-        print(f"plot: {plot_layer_sparsity(report.sparsity, out)}")
+        print(f"plot: {plot_layer_sparsity(report, out)}")
     return 0
 
 
