@@ -60,7 +60,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 128
     seed: int = 0
     out: str | None = None  # run directory; None: runs/<method>-<model>-<name or timestamp>
@@ -68,7 +68,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
     device: str = "cpu"  # cpu, cuda, cuda:N
     num_workers: int = 0  # DataLoader workers; the data is in memory, so 0 is usually fastest
-    log_every: int = 100  # steps between step records (steps.jsonl) and loss log lines; 0: none
+    log_every: int = 10  # steps between step records (steps.jsonl) and loss log lines; 0: none
     save_every: int = 0  # optimizer steps between checkpoints; 0: at the end of every epoch
     keep: int = 2  # checkpoints kept in <out>/checkpoints (an old one goes once a new one is whole)
     skip_nonfinite: bool = False  # skip the update of a batch whose loss is inf/nan, not stop

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sparsetrain import tasks
+from sparsetrain.progress import progress as progress_bar
 from sparsetrain.train import distributed
 from sparsetrain.train.guard import NonFiniteLoss
 from sparsetrain.train.state import Data, TrainState
@@ -65,12 +64,10 @@ def train_epoch(
     model.train()
     progress = state.progress
     progress.to(device)  # sums saved in a checkpoint come back on the CPU
-    quiet = bool(os.environ.get("CI")) or None  # None: tqdm shows a bar only on a terminal
-    bar = tqdm(
+    bar = progress_bar(
         loader,
-        desc=f"{phase.replace('_', ' ') + ' ' if phase else ''}epoch {state.epoch + 1}",
-        leave=False,
-        disable=True if distributed.rank() else quiet,
+        f"{phase.replace('_', ' ') + ' ' if phase else ''}epoch {state.epoch + 1}",
+        hidden=bool(distributed.rank()),
         initial=progress.batch,
     )
     for x, y in bar:
