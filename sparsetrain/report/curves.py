@@ -77,8 +77,10 @@ def plot_training_curves(
 
     fig = new_figure(11.0, 9.0 if layers else 6.4)
     grid = fig.add_gridspec(3 if layers else 2, 2, height_ratios=[1, 1, 1.1][: 3 if layers else 2])
-    loss_ax, score_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
-    lr_ax, sparsity_ax = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    loss_ax = fig.add_subplot(grid[0, 0])
+    score_ax = fig.add_subplot(grid[0, 1], sharex=loss_ax)
+    lr_ax = fig.add_subplot(grid[1, 0], sharex=loss_ax)
+    sparsity_ax = fig.add_subplot(grid[1, 1], sharex=loss_ax)
     for i, phase in enumerate(phases):
         style = {"color": f"C{i}", "label": _label(phase, sparse)}
         line = by_step.get(phase)
@@ -86,12 +88,9 @@ def plot_training_curves(
             loss_ax.plot(*_series(line, "loss", x), lw=0.8, alpha=0.6, **style)
             style = {**style, "label": None}
         loss_ax.plot(*_series(by_epoch.get(phase, []), "train_loss", x), "o-", ms=4, **style)
-        score_ax.plot(
-            *_series(by_epoch.get(phase, []), score, x),
-            "o-",
-            ms=4,
-            **{**style, "label": _label(phase, sparse)},
-        )
+        points = _series(by_epoch.get(phase, []), score, x)
+        score_ax.plot(*points, "o-", ms=4, **{**style, "label": _label(phase, sparse)})
+        _annotate(score_ax, *points, f"C{i}", score)
         dashed = {"ls": "--" if i else "-", "color": f"C{i}"}
         lr_ax.plot(*_series(timeline[phase], "lr", x), **dashed)
         if phase == MAIN and any("subnets" in r for r in timeline[phase]):
@@ -103,7 +102,8 @@ def plot_training_curves(
     score_ax.set_title("test bits per byte" if score == "test_bpb" else "test accuracy (per epoch)")
     lr_ax.set_title("learning rate")
     sparsity_ax.set_title("sparsity of the sparse weights")
-    sparsity_ax.set_ylim(-0.03, 1.03)
+    sparsity_ax.set_ylim(-0.03, 1.25)  # room for the legend above the 100% line
+    sparsity_ax.set_yticks(np.linspace(0.0, 1.0, 6))
     for ax in (loss_ax, score_ax, lr_ax, sparsity_ax):
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
@@ -111,10 +111,31 @@ def plot_training_curves(
         loss_ax.legend(fontsize=8)
         score_ax.legend(fontsize=8)
     if len(sparsity_ax.get_legend_handles_labels()[1]) > 1:
-        sparsity_ax.legend(fontsize=8, loc="best")
+        sparsity_ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
     if layers:
         _layer_heatmap(fig.add_subplot(grid[2, :]), layers, fig)
     return save_figure(fig, out_path)
+
+
+def _annotate(ax: Axes, xs: list, ys: list, color: str, score: str) -> None:
+    """Values beside a few test points: one epoch's run has a single point per model."""
+    if not 0 < len(xs) <= 12:
+        return
+    for x, y in zip(xs, ys, strict=True):
+        text = f"{y:.3f}" if score == "test_bpb" else f"{y:.1%}"
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(-6, 5),
+            ha="right",
+            fontsize=8,
+            color=color,
+        )
+    low, high = ax.get_ylim()
+    if high - low < 0.02:  # a single point or two close ones: a readable range around them
+        middle = (high + low) / 2
+        ax.set_ylim(middle - 0.01, middle + 0.01)
 
 
 def _subnets(ax: Axes, records: Sequence[Mapping[str, Any]], x: str) -> None:

@@ -41,12 +41,16 @@ def _flops_per_row(report: SparsityReport, flops: FlopsReport) -> list[tuple[int
     return out
 
 
+def _percent(share: float) -> str:
+    return "<0.1%" if 0 < share < 0.001 else f"{share:.1%}"
+
+
 def _bars(ax: Axes, names: list[str], whole: list[float], kept: list[float], what: str) -> None:
     positions = range(len(names))
     ax.barh(positions, whole, color="#c6dbef", label="the layer, dense")
     ax.barh(positions, kept, height=0.5, color="#2171b5", label="what its mask keeps")
     for y, (w, k) in enumerate(zip(whole, kept, strict=True)):
-        ax.text(w + 0.01, y, f"{w:.1%} -> {k:.1%}", va="center", fontsize=8)
+        ax.text(w + 0.01, y, f"{_percent(w)} -> {_percent(k)}", va="center", fontsize=8)
     ax.set_yticks(list(positions), names)
     ax.set_xlim(0.0, min(1.3, 1.3 * max(whole) + 0.05))
     ax.set_xlabel(f"fraction of the model's dense {what}")
