@@ -81,10 +81,10 @@ class TensorBoardSink:
     """
 
     def __init__(self, root: Path, config: Config, start_step: int) -> None:
-        self._writer_class = SummaryWriter = _summary_writer()
+        self._writer_class = _summary_writer()
         self.root = root
         self._writers: dict[str, Any] = {
-            MAIN: SummaryWriter(str(root / MAIN), purge_step=start_step + 1)
+            MAIN: self._writer_class(str(root / MAIN), purge_step=start_step + 1)
         }
         if start_step == 0:
             text = yaml.safe_dump(config.to_dict(), sort_keys=False)
