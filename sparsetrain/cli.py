@@ -217,6 +217,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from sparsetrain.data import dataset_info
     from sparsetrain.export import bake, export_model
 
@@ -226,14 +228,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = {"batch_size": args.batch_size} if args.format == "sparse-cpu" else {}
     masks = checkpoint["sparsifier"]["masks"]
     semi = args.format == "semi-structured"  # GPU tensors: checked here, saved as 2:4 weights
-    exported = export_model(
-        model,
-        masks,
-        args.format,
-        example_input=example,
-        path=None if semi else args.output,
-        **options,
-    )
+    with logging_redirect_tqdm([log]):  # the per-layer log lines print above the timing bar
+        exported = export_model(
+            model,
+            masks,
+            args.format,
+            example_input=example,
+            path=None if semi else args.output,
+            **options,
+        )
     decisions = getattr(exported, "export_decisions", {}).values()
     if decisions:
         fast = [d.layer for d in decisions if d.choice == "sparse"]
