@@ -32,8 +32,9 @@ def write_report(
     (run_dir / "report.txt").write_text(report.format() + "\n")
     summary = {"metrics": last, "extras": extras, **report.to_dict()}
     (run_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    written = run_dir / "metrics.jsonl"
-    extra = [r for r in read_records(written) if "phase" in r] if written.exists() else []
+    path = run_dir / "metrics.jsonl"
+    written = read_records(path) if path.exists() else []
+    extra = [r for r in written if "phase" in r and r not in metrics]  # e.g. the dense twin's
     steps = run_dir / STEPS_FILE
     plots = [
         plot_training_curves(
