@@ -70,6 +70,7 @@ def train_epoch(
         hidden=bool(distributed.rank()),
         initial=progress.batch,
     )
+    batches = len(loader)  # a whole epoch's, wherever this pass starts
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
@@ -91,7 +92,7 @@ def train_epoch(
             state.step += 1
             progress.add(loss, logits, y)
             if steps is not None:
-                steps.after_step(state, loss, lr, phase)
+                steps.after_step(state, loss, lr, phase, epoch_end=progress.batch == batches)
             if log_every and state.step % log_every == 0:
                 value = loss.item()
                 derived = {k: f"{v:.3f}" for k, v in tasks.derived_metrics(task, value).items()}

@@ -2,8 +2,9 @@
 
 ``metrics.jsonl`` has one record per epoch, but the schedules act within an epoch (AC/DC's phases,
 GMP's ramp, GaP's rotating dense group, AST's sub-networks). So every ``train.log_every`` steps,
-at the first step, and at every step after which the masks' overall sparsity changed (not for
-AST, whose active sub-network changes at every step), one record goes to ``steps.jsonl``::
+at the first and each epoch's last step, and at every step after which the masks' overall
+sparsity changed (not for AST, whose active sub-network changes at every step), one record goes
+to ``steps.jsonl``::
 
     {"step": 47, "epoch": 1, "loss": 0.61, "lr": 0.049, "sparsity": 0.9,
      "density": {"fc1.weight": 0.07, ...}}
@@ -150,9 +151,15 @@ class StepLog:
         self._last[phase] = state.sparsifier.sparsity
 
     def after_step(
-        self, state: TrainState, loss: torch.Tensor, lr: float, phase: str | None = None
+        self,
+        state: TrainState,
+        loss: torch.Tensor,
+        lr: float,
+        phase: str | None = None,
+        epoch_end: bool = False,
     ) -> None:
-        """After optimizer step ``state.step`` (``lr`` its rate): record it if it is due."""
+        """After optimizer step ``state.step`` (``lr`` its rate): record it if it is due (the
+        last step of an epoch, ``epoch_end``, always is)."""
         if self.path is None:
             return
         sp = state.sparsifier
@@ -160,7 +167,8 @@ class StepLog:
         # AST switches sub-networks every step: its ramps show in the periodic records.
         changed = self._last.get(phase) != sparsity and not hasattr(sp.method, "num_subnets")
         self._last[phase] = sparsity
-        if state.step != 1 and not changed and not (self.every and state.step % self.every == 0):
+        due = state.step == 1 or epoch_end or (self.every and state.step % self.every == 0)
+        if not (due or changed):
             return
         record: dict[str, Any] = {
             "step": state.step,
