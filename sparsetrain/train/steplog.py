@@ -31,11 +31,10 @@ import torch
 import yaml
 
 from sparsetrain.errors import ConfigError
-from sparsetrain.train.config import LOGGERS, Config
+from sparsetrain.train.config import Config
 from sparsetrain.train.state import TrainState
 
 __all__ = [
-    "LOGGERS",
     "STEPS_FILE",
     "TENSORBOARD_DIR",
     "StepLog",
