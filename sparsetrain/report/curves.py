@@ -132,6 +132,7 @@ def _annotate(ax: Axes, xs: list, ys: list, color: str, score: str) -> None:
             fontsize=8,
             color=color,
         )
+    ax.margins(y=0.15)  # room for the labels
     low, high = ax.get_ylim()
     if high - low < 0.02:  # a single point or two close ones: a readable range around them
         middle = (high + low) / 2

@@ -55,7 +55,6 @@ def _bars(ax: Axes, names: list[str], whole: list[float], kept: list[float], wha
     ax.set_xlim(0.0, min(1.3, 1.3 * max(whole) + 0.05))
     ax.set_xlabel(f"fraction of the model's dense {what}")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
 
 
 def plot_layer_sparsity(report: Report | SparsityReport, out_path: str | Path) -> Path:
@@ -94,4 +93,5 @@ def plot_layer_sparsity(report: Report | SparsityReport, out_path: str | Path) -
         title += f", inference at {flops.ratio:.1%} of dense FLOPs"
     axes[0].invert_yaxis()
     fig.suptitle(title)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2)
     return save_figure(fig, out_path)
