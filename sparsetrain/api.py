@@ -52,6 +52,15 @@ def _check_materialized(params: dict[str, nn.Parameter]) -> None:
         )
 
 
+def _dense_alias(exclude: Sequence[str], dense: Sequence[str] | None) -> Sequence[str]:
+    """``dense=`` is ``exclude=`` under the config's name; both at once would be ambiguous."""
+    if dense is None:
+        return exclude
+    if exclude:
+        raise ConfigError("give the layers kept dense as dense= or as exclude=, not both")
+    return dense
+
+
 def sparsify(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -63,6 +72,7 @@ def sparsify(
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    dense: Sequence[str] | None = None,
     dense_first: bool = False,
     dense_last: bool = False,
     seed: int = 0,
@@ -84,7 +94,9 @@ def sparsify(
         steps_per_epoch: optimizer steps per epoch (needed by epoch-based schedules).
         distribution: ``uniform``, ``erk`` or ``global``; None takes the method's default.
         include / exclude / dense_first / dense_last: layer selection (see
-            :func:`sparsetrain.select.select_parameters`).
+            :func:`sparsetrain.select.select_parameters`); ``exclude`` globs stay dense.
+        dense: the same as ``exclude``, under the config file's name (``sparsity.dense``);
+            giving both is an error.
         seed: seeds every random mask choice together with the tensor name and step.
         min_density: no layer keeps fewer than this fraction of its weights, whatever the
             distribution (a global top-k would otherwise empty small or low-magnitude layers);
@@ -102,6 +114,7 @@ def sparsify(
         The :class:`Sparsifier`, with ``masks``, ``report()``, ``state_dict()``, ``export()``.
     """
     sparsity = _check_sparsity(method, sparsity)
+    exclude = _dense_alias(exclude, dense)
     if kernels not in KERNEL_MODES:
         raise ConfigError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNEL_MODES)}")
     params = select_parameters(
@@ -148,6 +161,7 @@ def check_sparsify_arguments(**kwargs: Any) -> dict[str, Any]:
     args = bound.arguments
     method = args["method"]
     sparsity = _check_sparsity(method, args["sparsity"])
+    _dense_alias(args["exclude"], args["dense"])
     if args["kernels"] not in KERNEL_MODES:
         raise ConfigError(
             f"unknown kernels {args['kernels']!r}; choose one of {', '.join(KERNEL_MODES)}"

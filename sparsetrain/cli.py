@@ -124,13 +124,21 @@ def _headline(config, loss: float, acc: float) -> str:  # noqa: ANN001
     return f"test accuracy: {acc:.2%} (test loss {loss:.4f})"
 
 
+def _config_file(name_or_path: str | None) -> Path | None:
+    """A config given by path, or by the name of a shipped one (``rigl``)."""
+    from sparsetrain.configs import find_config
+
+    return None if name_or_path is None else find_config(name_or_path)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sparsetrain.train.config import load_config
     from sparsetrain.train.entry import train
     from sparsetrain.train.resume import find_resume
 
     if args.resume is None:
-        config = _with_dirs(load_config(args.config, args.overrides), args.data_dir, args.out)
+        config = load_config(_config_file(args.config), args.overrides)
+        config = _with_dirs(config, args.data_dir, args.out)
         result = train(config, overwrite=args.overwrite)
     else:
         if args.out is not None or args.overwrite:
@@ -142,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config is None:  # the checkpoint's own config, with --set on top
             config = point.config(args.overrides)
         else:
-            config = load_config(args.config, args.overrides)
+            config = load_config(_config_file(args.config), args.overrides)
         result = train(_with_dirs(config, args.data_dir), resume=point)
     if _rank() != 0:
         return 0
@@ -204,31 +212,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(report.format())
     if report.sparsity.rows:
         out = args.output or Path(args.checkpoint).parent / "layer_sparsity.png"
-        print(f"plot: {plot_layer_sparsity(report.sparsity, out)}")
+        print(f"plot: {plot_layer_sparsity(report, out)}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from sparsetrain.data import dataset_info
-    from sparsetrain.export import export_model
+    from sparsetrain.export import bake, export_model
 
     checkpoint, config, model = _load_run(args.checkpoint, subnet=args.subnet)
     info = dataset_info(config.data.name, **config.data.options)
     example = info.example_input(8, generator=torch.Generator().manual_seed(0))
     options = {"batch_size": args.batch_size} if args.format == "sparse-cpu" else {}
-    exported = export_model(
-        model,
-        checkpoint["sparsifier"]["masks"],
-        args.format,
-        example_input=example,
-        path=args.output,
-        **options,
-    )
+    masks = checkpoint["sparsifier"]["masks"]
+    semi = args.format == "semi-structured"  # GPU tensors: checked here, saved as 2:4 weights
+    with logging_redirect_tqdm([log]):  # the per-layer log lines print above the timing bar
+        exported = export_model(
+            model,
+            masks,
+            args.format,
+            example_input=example,
+            path=None if semi else args.output,
+            **options,
+        )
     decisions = getattr(exported, "export_decisions", {}).values()
     if decisions:
         fast = [d.layer for d in decisions if d.choice == "sparse"]
+        kernels = "2:4 kernels" if semi else "CSR kernels"
         names = ", ".join(fast) or "none (dense was as fast)"
-        print(f"{len(fast)} of {len(decisions)} sparse layers on CSR kernels: {names}")
+        print(f"{len(fast)} of {len(decisions)} sparse layers on {kernels}: {names}")
+    if semi:
+        torch.save(bake(model, masks).state_dict(), args.output)
+        print(
+            "semi-structured tensors live in GPU memory: wrote the verified 2:4 weights as a "
+            "state_dict; after loading it, export_model(model, None, 'semi-structured') on the "
+            "GPU rebuilds them"
+        )
     print(f"{args.format} export: {args.output} ({Path(args.output).stat().st_size:,} bytes)")
     return 0
 
@@ -255,7 +276,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sparsetrain.compare import load_grid, run_grid, write_summary
 
-    grid = load_grid(args.config, quick=args.quick, overrides=args.overrides)
+    grid = load_grid(_config_file(args.config), quick=args.quick, overrides=args.overrides)
     out = Path(args.out or ("runs/compare_quick" if args.quick else "runs/compare"))
     if not (args.verbose or args.quiet):  # per-epoch lines of every cell would bury the grid
         logging.getLogger("sparsetrain").setLevel(logging.WARNING)
@@ -283,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("config", nargs="?", help="YAML config (default: the built-in default run)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config: a path, or the name of a shipped one (rigl, gap, ...; "
+        "default: the built-in default run)",
+    )
     _add_overrides(p, "override a config key, e.g. --set optimizer.lr=0.1 sparsity.sparsity=0.95")
     p.add_argument("--data-dir", help="dataset directory (sets data.dir)")
     p.add_argument("--out", help="run directory (sets train.out)")
@@ -320,9 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint written by `sparsetrain train`")
     p.add_argument(
         "--format",
-        choices=["dense", "compressed", "sparse-cpu"],
+        choices=["dense", "compressed", "sparse-cpu", "semi-structured"],
         default="dense",
-        help="dense state_dict, lossless compressed file, or CSR kernels on CPU (default: dense)",
+        help="dense state_dict, lossless compressed file, CSR kernels on CPU, or 2:4 kernels "
+        "on a CUDA GPU (checked there, written as 2:4 weights; default: dense)",
     )
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.add_argument(
@@ -334,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "compare", help="train a grid of methods x sparsities x seeds x models; tables, plots"
     )
-    p.add_argument("config", help="grid YAML (e.g. configs/compare.yaml)")
+    p.add_argument("config", help="grid YAML: a path, or compare / compare_gpt (shipped)")
     p.add_argument("--quick", action="store_true", help="the grid file's quick section")
     p.add_argument("--out", help="results directory (default: runs/compare or runs/compare_quick)")
     _add_overrides(p, "override a training config key of every cell, e.g. --set train.epochs=1")

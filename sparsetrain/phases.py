@@ -10,6 +10,7 @@ AC/DC's alternation, with the paper's reference layouts as presets.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 UNITS = ("epochs", "steps", "fraction")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -222,9 +225,11 @@ def acdc_phases(
         **lengths: any of ``warmup``, ``compressed``, ``decompressed``, ``last_dense``,
             ``final_compressed``; a given length overrides the preset's.
 
-    As many compressed/decompressed n_compressed as fit go between the warm-up and the last dense phase
+    As many compressed/decompressed pairs as fit go between the warm-up and the last dense phase
     (the alternation starts and ends compressed); steps left over lengthen the last dense phase.
-    Only phase boundaries are rounded to whole steps.
+    Only phase boundaries are rounded to whole steps. In a run too short for the preset, its
+    phases shorter than one step get one step (logged); under 4 steps, the layout is a dense
+    warm-up and one final compressed step.
     """
     unknown = sorted(set(lengths) - set(ACDC_LENGTHS))
     if unknown:
@@ -258,10 +263,28 @@ def acdc_phases(
     for key in ACDC_LENGTHS[1:]:
         if steps[key] <= 0:
             raise ConfigError(f"AC/DC {key} phase must be longer than 0, got {lengths.get(key)}")
+    # A short run (a smoke test, one epoch on little data) would scale the preset's phases below
+    # one step: those get one step each, and a run too short even for that keeps a dense
+    # warm-up and one final compressed step.
+    short = {k: v for k, v in steps.items() if lengths.get(k) is None and 0 < v < 1}
+    steps.update(dict.fromkeys(short, 1.0))
     warmup, comp, decomp = steps["warmup"], steps["compressed"], steps["decompressed"]
     last, final = steps["last_dense"], steps["final_compressed"]
     middle = total_steps - warmup - last - final
     n_compressed = math.floor((middle + decomp) / (comp + decomp) + 1e-6)
+    if n_compressed < 1 and preset is not None and all(v is None for v in lengths.values()):
+        log.warning(
+            "AC/DC: %d steps are too short for any alternation (4 are needed): %d dense "
+            "step(s), then one final compressed step",
+            *(total_steps, total_steps - 1),
+        )
+        items = [("warmup", total_steps - 1.0), ("final_compressed", 1.0)]
+        return Phases.from_lengths(items, total_steps)
+    if short:
+        log.warning(
+            "AC/DC: %d steps are too short for the %s preset's %s; those phases get one step each",
+            *(total_steps, preset, ", ".join(f"{k} ({v:.2g} steps)" for k, v in short.items())),
+        )
     if n_compressed < 1:
         raise ConfigError(
             f"AC/DC phases do not fit in {total_steps} steps: warm-up {warmup:g}, last dense "

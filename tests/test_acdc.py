@@ -102,6 +102,21 @@ def test_one_step_phases_give_the_iht_like_variant():
     assert all(p.length == 1 for p in phases.phases[:-1])
 
 
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 8, 15])
+def test_short_runs_of_the_preset_get_phases_of_at_least_one_step(total, caplog):
+    phases = acdc_phases(total)
+    assert phases.total_steps == total and all(p.length >= 1 for p in phases)
+    assert phases[-1].kind == "final_compressed"
+    kinds = [p.kind for p in phases]
+    assert ("compressed" in kinds) == (total >= 4)
+    assert "too short" in caplog.text
+
+
+def test_a_long_enough_run_keeps_the_scaled_preset(caplog):
+    assert acdc_phases(STEPS).as_list() == EXPECTED_60
+    assert "too short" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -111,7 +126,7 @@ def test_one_step_phases_give_the_iht_like_variant():
         (dict(total_steps=100, unit="minutes", compressed=2), "unknown length unit"),
         (dict(total_steps=100, compressed=0, unit="steps"), "longer than 0"),
         (dict(total_steps=10, final_compressed=9, unit="steps"), "do not fit"),
-        (dict(total_steps=15), "rounds to 0 steps"),
+        (dict(total_steps=15, compressed=0.3, unit="steps"), "rounds to 0 steps"),
         (dict(total_steps=100, decompresed=5), "unknown AC/DC phase length"),
     ],
 )

@@ -112,3 +112,12 @@ def test_an_option_of_the_wrong_type_is_one_line():
     done = sparsetrain("train", "--set", *TINY, "sparsity.method=set", "sparsity.options.zeta=x")
     message = one_error_line(done)
     assert "'sparsity.options.zeta' of method 'set' must be a finite number, got 'x'" in message
+
+
+def test_a_one_epoch_smoke_run_of_the_default_method_trains(tmp_path):
+    """The default method (AC/DC) on 8 steps: phases of one step, said in a warning."""
+    overrides = ["data.name=synthetic", "model.name=mlp", "train.epochs=1"]
+    done = sparsetrain("train", "--set", *overrides, "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert "too short for the imagenet preset" in done.stderr
+    assert (tmp_path / "run" / "dense_twin.pt").is_file()

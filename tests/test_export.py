@@ -329,3 +329,26 @@ def test_cli_export_writes_files_that_load_back(tmp_path, capsys):
     loaded = load_sparse_cpu(cli._load_run(str(ckpt))[2], out)
     assert set(loaded.export_decisions) == {"fc1", "fc2", "fc3"}
     torch.testing.assert_close(_outputs(loaded, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_export_semi_structured_checks_2_4_and_needs_cuda(tmp_path, capsys):
+    from sparsetrain import cli
+
+    assert cli.main(["-q", "train", *TINY_RUN, "--out", str(tmp_path / "u")]) == 0
+    out = tmp_path / "w.pt"
+    argv = ["-q", "export", "--format", "semi-structured", "-o", str(out)]
+    assert cli.main([*argv[:2], str(tmp_path / "u" / "final.pt"), *argv[2:]]) == 2
+    assert "mask is not 2:4" in capsys.readouterr().err
+    nm = [
+        "model.width=1",
+        "sparsity.method=acdc",
+        "sparsity.sparsity=0.5",
+        "sparsity.options.nm=[2, 4]",
+    ]
+    assert cli.main(["-q", "train", *TINY_RUN, *nm, "--out", str(tmp_path / "nm")]) == 0
+    code = cli.main([*argv[:2], str(tmp_path / "nm" / "final.pt"), *argv[2:]])
+    if torch.cuda.is_available():
+        assert code == 0 and "2:4 kernels" in capsys.readouterr().out and out.is_file()
+    else:
+        assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+        assert not out.exists()

@@ -17,6 +17,8 @@ from sparsetrain.report import (
     sparsity_report,
     training_flops_per_step,
 )
+from sparsetrain.report.plots import _flops_per_row
+from sparsetrain.report.summary import build_report
 from tests.conftest import TinyCNN, tiny_mlp
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -307,24 +309,49 @@ def png_size(path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def test_training_curves_from_records_add_a_sparsity_panel(tmp_path):
-    with_sparsity = plot_training_curves(RECORDS, tmp_path / "with.png")
-    without = [{k: v for k, v in r.items() if k != "sparsity"} for r in RECORDS]
-    plain = plot_training_curves(without, tmp_path / "without.png")
-    assert png_size(with_sparsity)[0] > png_size(plain)[0]
+STEPS = [
+    {
+        "step": s,
+        "epoch": 1 + s // 4,
+        "loss": 2.0 / s,
+        "lr": 0.1,
+        "sparsity": 0.9 * (s % 3 == 0),
+        "density": {"0.weight": 1 - 0.9 * (s % 3 == 0), "2.weight": 0.5},
+    }
+    for s in range(1, 13)
+] + [
+    {"step": s, "loss": 0.5, "lr": 0.01, "sparsity": 0.0, "density": {}, "phase": "dense_twin"}
+    for s in (10, 11, 12)
+]
 
 
-def test_training_curves_of_a_language_model_add_a_bits_per_byte_panel(tmp_path):
+def test_training_curves_from_epoch_records_alone(tmp_path):
+    png_size(plot_training_curves(RECORDS, tmp_path / "epochs.png"))
+
+
+def test_training_curves_with_step_records_add_the_per_layer_timeline(tmp_path):
+    twin = {"epoch": 3, "step": 12, "train_loss": 0.5, "test_acc": 0.8, "phase": "dense_twin"}
+    with_steps = plot_training_curves([*RECORDS, twin], tmp_path / "steps.png", steps=STEPS)
+    plain = plot_training_curves(RECORDS, tmp_path / "plain.png")
+    assert png_size(with_steps)[1] > png_size(plain)[1]  # the per-layer row
+    ast = [{**r, "subnets": [0.5, 0.9]} for r in STEPS if "phase" not in r]
+    assert png_size(plot_training_curves(RECORDS, tmp_path / "ast.png", steps=ast)) == png_size(
+        plain
+    )  # AST: a line per sub-network, no per-layer row (its records switch sub-network)
+
+
+def test_training_curves_of_a_language_model_plot_bits_per_byte(tmp_path):
     lm = [{**r, "test_bpb": None if "test_acc" not in r else 3.0 - r["epoch"]} for r in RECORDS]
-    with_bpb = plot_training_curves(lm, tmp_path / "lm.png")
-    assert png_size(with_bpb)[0] > png_size(plot_training_curves(RECORDS, tmp_path / "c.png"))[0]
+    png_size(plot_training_curves(lm, tmp_path / "lm.png"))
 
 
 def test_training_curves_from_jsonl_skip_missing_keys(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps(r) for r in RECORDS] + ["", json.dumps({"step": 13, "lr": 0.01})]
     path.write_text("\n".join(lines) + "\n")
-    out = plot_training_curves(str(path), tmp_path / "plots" / "curves.png")
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text("".join(json.dumps(r) + "\n" for r in STEPS))
+    out = plot_training_curves(str(path), tmp_path / "plots" / "curves.png", steps=steps)
     assert out == tmp_path / "plots" / "curves.png"
     png_size(out)
 
@@ -340,9 +367,15 @@ def test_training_curves_report_unusable_metrics(tmp_path):
         plot_training_curves([{"step": 1, "lr": 0.1}], tmp_path / "x.png")
 
 
-def test_layer_sparsity_plot(tmp_path):
-    report = sparsity_report(tiny_mlp(), hand_masks(), {"1.weight": 0.9})
-    out = plot_layer_sparsity(report, tmp_path / "layers.png")
-    png_size(out)
+def test_layer_plot_shows_shares_of_parameters_and_of_flops(tmp_path):
+    model = masked(tiny_mlp(), hand_masks())
+    report = build_report(model, hand_masks(), {"1.weight": 0.9}, torch.randn(1, 256))
+    per_row = _flops_per_row(report.sparsity, report.flops)
+    unmasked = report.flops.per_module["3"]  # the layer without a mask: the last row's
+    assert sum(d for d, _ in per_row) == report.flops.dense - unmasked[0]
+    assert sum(s for _, s in per_row) == report.flops.sparse - unmasked[1]
+    with_flops = plot_layer_sparsity(report, tmp_path / "layers.png")
+    params_only = plot_layer_sparsity(report.sparsity, tmp_path / "params.png")
+    assert png_size(with_flops)[0] > png_size(params_only)[0]
     with pytest.raises(SparsetrainError, match="no sparse layer"):
         plot_layer_sparsity(sparsity_report(tiny_mlp(), {}), tmp_path / "empty.png")

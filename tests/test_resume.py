@@ -34,7 +34,7 @@ TINY = [
     "optimizer.lr=0.05",
     f"train.epochs={STEPS // STEPS_PER_EPOCH}",
     f"train.batch_size={BATCH}",
-    "train.log_every=0",
+    "train.log_every=5",
     "train.eval_every=2",
 ]
 INTERRUPT = 23  # odd, in the middle of epoch 3
@@ -54,8 +54,8 @@ def method_config(name, out, *extra):
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
     """Plots cost most of a tiny run and are not what these tests check."""
-    monkeypatch.setattr(outputs, "plot_training_curves", lambda records, path: path)
-    monkeypatch.setattr(outputs, "plot_layer_sparsity", lambda table, path: path)
+    monkeypatch.setattr(outputs, "plot_training_curves", lambda records, path, **_: path)
+    monkeypatch.setattr(outputs, "plot_layer_sparsity", lambda table, path, **_: path)
 
 
 def signal_at(monkeypatch, step, signum=signal.SIGTERM):
@@ -132,6 +132,8 @@ def test_interrupted_run_resumes_bit_identical(name, tmp_path, monkeypatch):
     assert [json.loads(line)["epoch"] for line in lines if "phase" not in line] == list(
         range(1, STEPS // STEPS_PER_EPOCH + 1)
     )
+    steps = [(run / "steps.jsonl").read_text() for run in (tmp_path / "straight", tmp_path / "resumed")]
+    assert steps[0] == steps[1] and steps[0].count("\n") >= STEPS // 5
     paths = {k for k in straight.extras if k.endswith("_checkpoint")}  # files of each run
     assert_identical(
         {k: v for k, v in straight.extras.items() if k not in paths},

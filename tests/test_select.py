@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import sparsetrain as st
+from sparsetrain.api import check_sparsify_arguments
 from sparsetrain.select import select_parameters
 
 
@@ -138,6 +139,18 @@ def test_first_last_dense_and_globs():
         "depthwise.weight",
         "pointwise.weight",
     ]
+
+
+def test_sparsify_takes_dense_as_the_config_name_of_exclude():
+    model = DepthwiseSeparable()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.sparsify(model, opt, sparsity=0.5, dense=["head.*"])
+    assert list(sp.masks) == ["depthwise.weight", "pointwise.weight"]
+    sp.detach()
+    with pytest.raises(st.ConfigError, match="not both"):
+        st.sparsify(model, opt, sparsity=0.5, dense=["head.*"], exclude=["head.*"])
+    with pytest.raises(st.ConfigError, match="not both"):
+        check_sparsify_arguments(sparsity=0.5, dense=["a"], exclude=["b"])
 
 
 @pytest.mark.parametrize("key", ["include", "exclude"])

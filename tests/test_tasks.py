@@ -118,8 +118,8 @@ def test_model_and_dataset_of_different_tasks_are_refused(corpus, tmp_path):
 
 
 def test_interrupted_language_model_run_resumes_bit_identical(corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs, "plot_training_curves", lambda records, path: path)
-    monkeypatch.setattr(outputs, "plot_layer_sparsity", lambda table, path: path)
+    monkeypatch.setattr(outputs, "plot_training_curves", lambda records, path, **_: path)
+    monkeypatch.setattr(outputs, "plot_layer_sparsity", lambda table, path, **_: path)
     settings = [*TINY, "sparsity.method=rigl", "sparsity.options={update_every: 8}"]
 
     def config(out):

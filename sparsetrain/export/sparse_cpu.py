@@ -21,6 +21,7 @@ from torch import nn
 
 from sparsetrain.errors import ConfigError, ExportError
 from sparsetrain.export.timing import compare
+from sparsetrain.progress import progress
 
 __all__ = ["LayerDecision", "SparseLinear", "load_sparse_cpu", "save_sparse_cpu", "to_sparse_cpu"]
 
@@ -163,7 +164,7 @@ def to_sparse_cpu(
             raise ConfigError(f"sparse-cpu {key} must be a positive integer, got {value!r}")
     model.cpu()
     decisions: dict[str, LayerDecision] = {}
-    for name, module in list(model.named_modules()):
+    for name, module in progress(list(model.named_modules()), "timing layers", unit="module"):
         if type(module) is nn.Linear:
             if _density(module.weight) >= 1.0:
                 continue

@@ -1,137 +1,97 @@
-"""Training curves and per-layer sparsity as image files.
+"""Figures of a sparse model: where its parameters and its FLOPs are, and what sparsity leaves.
 
-Figures are drawn on an explicit Agg canvas, never through ``pyplot``: nothing opens a window and
-the caller's matplotlib backend and global figure list are left alone.
+Overall sparsity hides where the weights are: a layer that holds most of the parameters can be
+pruned hard and still cost little, while small convolutions that run at every pixel keep most of
+the FLOPs. So each sparse layer is drawn by its share of the model's parameters and of its dense
+inference FLOPs, with what its density keeps of each. The training curves live in
+:mod:`sparsetrain.report.curves`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Iterable, Mapping
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.axes import Axes
 
-from sparsetrain.errors import DataError, SparsetrainError
+from sparsetrain.errors import SparsetrainError
+from sparsetrain.report.curves import plot_training_curves
+from sparsetrain.report.figures import new_figure, save_figure
+from sparsetrain.report.flops import FlopsReport
 from sparsetrain.report.sparsity import SparsityReport
+from sparsetrain.report.summary import Report
 
 __all__ = ["plot_layer_sparsity", "plot_training_curves"]
 
-_PANELS = (("train_loss", "train loss"), ("test_acc", "test accuracy"))
+OTHER = "not sparsified"
 
 
-def plot_training_curves(
-    metrics: Iterable[Mapping[str, Any]] | str | Path, out_path: str | Path
-) -> Path:
-    """Plot train loss and test accuracy (and a language model's test bits per byte, and
-    sparsity, when logged) against the epoch.
-
-    ``metrics`` is a list of records such as ``{"epoch": 1, "train_loss": 0.5, "test_acc": 0.88,
-    "sparsity": 0.9}`` or the path of a JSON-lines file of them. Records without an epoch or a
-    value are skipped; when an epoch has several records, its last value is plotted.
-    """
-    records = _read_records(metrics) if isinstance(metrics, str | Path) else list(metrics)
-    panels = list(_PANELS)
-    if any("test_bpb" in record for record in records):
-        panels.insert(1, ("test_bpb", "test bits per byte"))
-    if any("sparsity" in record for record in records):
-        panels.append(("sparsity", "sparsity"))
-    series = {key: _by_epoch(records, key) for key, _ in panels}
-    if not any(series.values()):
-        keys = ", ".join(key for key, _ in panels)
-        raise DataError(f"no metric record has an epoch and any of {keys}")
-
-    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    for ax, (key, label) in zip(fig.subplots(1, len(panels)), panels, strict=True):
-        points = series[key]
-        if points:
-            ax.plot(list(points), list(points.values()), marker="o", markersize=3)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    return _save(fig, out_path)
+def _flops_per_row(report: SparsityReport, flops: FlopsReport) -> list[tuple[int, int]]:
+    """(dense, sparse) FLOPs of each row's module, split by parameters where a module holds
+    several sparse weights."""
+    module_of = [row.name.rpartition(".")[0] for row in report.rows]
+    numel: dict[str, int] = defaultdict(int)
+    for module, row in zip(module_of, report.rows, strict=True):
+        numel[module] += row.numel
+    out = []
+    for module, row in zip(module_of, report.rows, strict=True):
+        dense, sparse = flops.per_module.get(module, (0, 0))
+        share = row.numel / numel[module]
+        out.append((round(dense * share), round(sparse * share)))
+    return out
 
 
-def plot_layer_sparsity(report: SparsityReport, out_path: str | Path) -> Path:
-    """Horizontal bars of target and actual sparsity per layer, in the model's order."""
-    if not report.rows:
-        raise SparsetrainError("the sparsity report has no sparse layer to plot")
-    rows = report.rows
-    height = 0.4
-    fig = Figure(figsize=(7.0, 1.2 + 0.4 * len(rows)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    positions = range(len(rows))
-    ax.barh(
-        [y - height / 2 for y in positions],
-        [row.actual for row in rows],
-        height=height,
-        label="actual",
-    )
-    targeted = [
-        (y, row.target) for y, row in zip(positions, rows, strict=True) if row.target is not None
-    ]
-    if targeted:
-        ax.barh(
-            [y + height / 2 for y, _ in targeted],
-            [target for _, target in targeted],
-            height=height,
-            label="target",
-        )
-    ax.set_yticks(list(positions), [row.name for row in rows])
-    ax.invert_yaxis()
-    ax.set_xlim(0.0, 1.0)
-    ax.set_xlabel("sparsity")
-    ax.set_title(f"per-layer sparsity (overall {report.sparsity:.1%})")
-    ax.legend(loc="lower right")
+def _percent(share: float) -> str:
+    return "<0.1%" if 0 < share < 0.001 else f"{share:.1%}"
+
+
+def _bars(ax: Axes, names: list[str], whole: list[float], kept: list[float], what: str) -> None:
+    positions = range(len(names))
+    ax.barh(positions, whole, color="#c6dbef", label="the layer, dense")
+    ax.barh(positions, kept, height=0.5, color="#2171b5", label="what its mask keeps")
+    for y, (w, k) in enumerate(zip(whole, kept, strict=True)):
+        ax.text(w + 0.01, y, f"{_percent(w)} -> {_percent(k)}", va="center", fontsize=8)
+    ax.set_yticks(list(positions), names)
+    ax.set_xlim(0.0, min(1.3, 1.3 * max(whole) + 0.05))
+    ax.set_xlabel(f"fraction of the model's dense {what}")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, out_path)
 
 
-def _read_records(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"cannot read metrics file {path}: {err.strerror or err}") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not a JSON record ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+def plot_layer_sparsity(report: Report | SparsityReport, out_path: str | Path) -> Path:
+    """Per sparse layer, in the model's order: its share of all parameters and (when ``report``
+    has FLOPs) of the dense inference FLOPs, each beside the share its mask keeps; the row
+    labels give the layer's density. Parameters and FLOPs outside the sparse layers form a last
+    row, so each panel's bars sum to the whole model."""
+    sparsity = report.sparsity if isinstance(report, Report) else report
+    flops = report.flops if isinstance(report, Report) else None
+    rows = sparsity.rows
+    if not rows:
+        raise SparsetrainError("the sparsity report has no sparse layer to plot")
+    names = [f"{row.name}\ndensity {1 - row.actual:.1%}" for row in rows] + [OTHER]
+    total = sparsity.total_params
+    other = total - sparsity.sparse_params
+    params = [row.numel / total for row in rows] + [other / total]
+    kept = [row.active / total for row in rows] + [other / total]
 
-
-def _by_epoch(records: list[Mapping[str, Any]], key: str) -> dict[float, float]:
-    """Last numeric value of ``key`` per epoch, sorted by epoch."""
-    points: dict[float, float] = {}
-    for record in records:
-        epoch, value = record.get("epoch"), record.get(key)
-        if _is_number(epoch) and _is_number(value):
-            points[float(epoch)] = float(value)
-    return dict(sorted(points.items()))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _save(fig: Figure, out_path: str | Path) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    return out_path
+    panels = 2 if flops is not None and flops.dense else 1
+    fig = new_figure(5.6 * panels + 1.2, 1.6 + 0.55 * len(names))
+    axes = fig.subplots(1, panels, sharey=True, squeeze=False)[0]
+    _bars(axes[0], names, params, kept, "parameters")
+    axes[0].set_title("parameters")
+    title = (
+        f"{sparsity.sparsity:.1%} of the sparse weights masked: "
+        f"{sparsity.total_active / total:.1%} of all parameters kept"
+    )
+    if panels == 2:
+        per_row = _flops_per_row(sparsity, flops)
+        rest_dense = flops.dense - sum(d for d, _ in per_row)
+        rest_sparse = flops.sparse - sum(s for _, s in per_row)
+        dense = [d / flops.dense for d, _ in per_row] + [rest_dense / flops.dense]
+        sparse = [s / flops.dense for _, s in per_row] + [rest_sparse / flops.dense]
+        _bars(axes[1], names, dense, sparse, "FLOPs")
+        axes[1].set_title("inference FLOPs per example")
+        title += f", inference at {flops.ratio:.1%} of dense FLOPs"
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2)
+    return save_figure(fig, out_path)

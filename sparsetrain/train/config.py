@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
+LOGGERS = ("tensorboard",)  # sinks for the step and epoch records besides the JSON lines files
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -59,7 +60,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 128
     seed: int = 0
     out: str | None = None  # run directory; None: runs/<method>-<model>-<name or timestamp>
@@ -67,11 +68,12 @@ class TrainConfig:
     eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
     device: str = "cpu"  # cpu, cuda, cuda:N
     num_workers: int = 0  # DataLoader workers; the data is in memory, so 0 is usually fastest
-    log_every: int = 100  # steps between loss log lines; 0 disables them
+    log_every: int = 10  # steps between step records (steps.jsonl) and loss log lines; 0: none
     save_every: int = 0  # optimizer steps between checkpoints; 0: at the end of every epoch
     keep: int = 2  # checkpoints kept in <out>/checkpoints (an old one goes once a new one is whole)
     skip_nonfinite: bool = False  # skip the update of a batch whose loss is inf/nan, not stop
     check_masks_every: int = 0  # torchrun: steps between cross-rank mask hash checks; 0: at the end
+    loggers: list[str] = field(default_factory=list)  # beside the JSON lines files: tensorboard
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,8 @@ def _validate(config: Config) -> None:
     for key in ("num_workers", "log_every", "save_every", "check_masks_every"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _positive("train.keep", t.keep)
+    for logger in t.loggers:
+        _choice("train.loggers", logger, LOGGERS)
     if t.device != "cpu" and t.device != "cuda" and not t.device.startswith("cuda:"):
         raise ConfigError(f"train.device must be cpu, cuda or cuda:N, got {t.device!r}")
 

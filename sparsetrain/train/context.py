@@ -13,6 +13,7 @@ from sparsetrain.train.branch import train_dense_branch
 from sparsetrain.train.config import Config
 from sparsetrain.train.epochs import StepHook, evaluate, run_epochs
 from sparsetrain.train.state import Data, TrainState
+from sparsetrain.train.steplog import StepLog
 
 __all__ = ["TrainContext"]
 
@@ -36,6 +37,7 @@ class TrainContext:
     run_dir: Path
     metrics_path: Path | None  # None on ranks other than 0, which write no files
     on_step: StepHook | None = None  # stops extra training on SIGTERM/SIGINT
+    steps: StepLog | None = None  # per-step records (steps.jsonl, TensorBoard)
 
     @property
     def model(self) -> nn.Module:
@@ -62,6 +64,7 @@ class TrainContext:
             phase=phase,
             on_step=self.on_step,
             skip_nonfinite=t.skip_nonfinite,
+            steps=self.steps,
         )
 
     def evaluate(self, model: nn.Module) -> tuple[float, float]:

@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sparsetrain import tasks
+from sparsetrain.progress import progress as progress_bar
 from sparsetrain.train import distributed
 from sparsetrain.train.guard import NonFiniteLoss
 from sparsetrain.train.state import Data, TrainState
+
+if TYPE_CHECKING:
+    from sparsetrain.train.steplog import StepLog
 
 __all__ = ["StepHook", "append_metrics", "evaluate", "run_epochs", "train_epoch"]
 
@@ -47,26 +49,28 @@ def train_epoch(
     on_step: StepHook | None = None,
     skip_nonfinite: bool = False,
     task: str = tasks.CLASSIFICATION,
+    steps: StepLog | None = None,
+    phase: str | None = None,
 ) -> tuple[float, float]:
     """One pass over ``loader`` (the rest of the epoch after a mid-epoch resume); returns the
     epoch's mean train loss and accuracy over every process.
 
     ``on_step(state)`` runs at every step boundary (checkpoints, signals). With
     ``skip_nonfinite`` a batch whose loss is inf or nan (on any process) updates nothing.
-    ``task`` (the dataset's) adds its derived metrics to the progress bar.
+    ``task`` (the dataset's) adds its derived metrics to the progress bar; ``steps`` records
+    the steps it is due for (tagged with ``phase``, which also names the progress bar).
     """
     model, device = _forward_model(state), _device_of(state.model)
     model.train()
     progress = state.progress
     progress.to(device)  # sums saved in a checkpoint come back on the CPU
-    quiet = bool(os.environ.get("CI")) or None  # None: tqdm shows a bar only on a terminal
-    bar = tqdm(
+    bar = progress_bar(
         loader,
-        desc=f"epoch {state.epoch + 1}",
-        leave=False,
-        disable=True if distributed.rank() else quiet,
+        f"{phase.replace('_', ' ') + ' ' if phase else ''}epoch {state.epoch + 1}",
+        hidden=bool(distributed.rank()),
         initial=progress.batch,
     )
+    batches = len(loader)  # a whole epoch's, wherever this pass starts
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
@@ -82,10 +86,13 @@ def train_epoch(
                 *(progress.batch, state.epoch + 1, progress.skipped),
             )
         else:
+            lr = state.optimizer.param_groups[0]["lr"]
             state.optimizer.step()  # the sparsifier's hooks mask grads, weights, optimizer state
             state.scheduler.step()
             state.step += 1
             progress.add(loss, logits, y)
+            if steps is not None:
+                steps.after_step(state, loss, lr, phase, epoch_end=progress.batch == batches)
             if log_every and state.step % log_every == 0:
                 value = loss.item()
                 derived = {k: f"{v:.3f}" for k, v in tasks.derived_metrics(task, value).items()}
@@ -140,14 +147,18 @@ def run_epochs(
     on_step: StepHook | None = None,
     on_epoch: Callable[[TrainState, dict[str, Any]], None] | None = None,
     skip_nonfinite: bool = False,
+    steps: StepLog | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``epochs`` more epochs from ``state``, evaluating every ``eval_every`` and at the end.
 
     Each epoch's record is returned and, with ``metrics_path``, appended to it as a JSON line;
     ``phase`` (e.g. "dense_finetune") tags records of extra training after the main run. An epoch
     that ``state`` is in the middle of counts as one and is finished. ``on_step(state)`` runs
-    after every batch, ``on_epoch(state, record)`` after every record.
+    after every batch, ``on_epoch(state, record)`` after every record. ``steps`` records the
+    steps between epochs (``steps.jsonl``, TensorBoard) and gets every epoch's record.
     """
+    if steps is not None:
+        steps.start(state, phase)
     records = []
     last = state.epoch + epochs
     task = data.info.task
@@ -155,7 +166,14 @@ def run_epochs(
         start = time.perf_counter()
         data.start_epoch(state.epoch, state.progress.batch)
         train_loss, train_acc = train_epoch(
-            state, data.train, log_every, on_step=on_step, skip_nonfinite=skip_nonfinite, task=task
+            state,
+            data.train,
+            log_every,
+            on_step=on_step,
+            skip_nonfinite=skip_nonfinite,
+            task=task,
+            steps=steps,
+            phase=phase,
         )
         state.epoch += 1
         test_loss = test_acc = None
@@ -177,6 +195,8 @@ def run_epochs(
             **({"phase": phase} if phase else {}),
         }
         append_metrics(metrics_path, record)
+        if steps is not None:
+            steps.epoch(record)
         records.append(record)
         tested = "" if test_acc is None else f"  test {tasks.describe(task, test_loss, test_acc)}"
         log.info(

@@ -7,6 +7,8 @@ user's own loop), trains and evaluates epoch by epoch, then writes the run direc
     config.yaml     the resolved config (every default filled in)
     metrics.jsonl   one JSON record per epoch: epoch, step, train/test loss and accuracy (and,
                     for a language model, bits per byte: see sparsetrain.tasks), lr, ...
+    steps.jsonl     every train.log_every steps: loss, lr, sparsity, per-layer density (see
+                    sparsetrain.train.steplog); tensorboard/ when train.loggers asks for it
     checkpoints/    step-<step>.pt: the newest train.keep checkpoints, to resume from
     final.pt        checkpoint (see sparsetrain.train.checkpoint)
     report.txt/json per-layer sparsity, inference and training FLOPs
@@ -28,6 +30,7 @@ in DDP on its share of every batch, and rank 0 writes the run directory (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -51,10 +54,12 @@ from sparsetrain.train.resume import (
     find_resume,
     restore_run,
     trim_metrics,
+    trim_steps,
 )
 from sparsetrain.train.rundir import claim_run_dir, tidy_run_dir
 from sparsetrain.train.signals import StopSignals
 from sparsetrain.train.state import RunResult
+from sparsetrain.train.steplog import STEPS_FILE, StepLog, check_loggers
 
 __all__ = ["train"]
 
@@ -91,6 +96,7 @@ def train(
     config = resolve(config)
     if point is not None:
         check_same_run(point.config(), config, point.path)
+    check_loggers(config)
     if config.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise SparsetrainError(f"train.device is {config.train.device} but CUDA is not available")
     world = distributed.init_distributed(config.train.device)
@@ -119,12 +125,16 @@ def _train(
     if point is not None:
         restore_run(state, data, point)
         metrics = trim_metrics(metrics_path, state.epoch, write=main)
+        if main:
+            trim_steps(run_dir / STEPS_FILE, state.step)
     if main:  # created only once the run is known to start
         run_dir.mkdir(parents=True, exist_ok=True)
         tidy_run_dir(run_dir, state.step)
         save_config(config, run_dir / "config.yaml")
         if point is None:
             metrics_path.write_text("")
+            (run_dir / STEPS_FILE).write_text("")
+    steps = StepLog.for_run(config, run_dir, state.step, main)
     log.info("run directory %s", run_dir)
     log.info(
         "%s: %d sparse tensors, sparsity %.2f%%, %d steps per epoch%s",
@@ -135,7 +145,11 @@ def _train(
 
     t = config.train
     consoles = [lg for lg in (logging.root, logging.getLogger("sparsetrain")) if lg.handlers]
-    with StopSignals() as signals, logging_redirect_tqdm(consoles):  # logs print above the bar
+    with (
+        StopSignals() as signals,
+        logging_redirect_tqdm(consoles),  # logs print above the bar
+        contextlib.closing(steps),
+    ):
         guard = StepGuard(config, data, run_dir, signals)
         try:
             metrics += run_epochs(
@@ -148,13 +162,20 @@ def _train(
                 on_step=guard.step,
                 on_epoch=guard.epoch,
                 skip_nonfinite=t.skip_nonfinite,
+                steps=steps,
             )
         except NonFiniteLoss:
             raise guard.non_finite(state) from None
         guard.finish(state, metrics[-1])
         hook = getattr(sp.method, "after_training", None)
         ctx = TrainContext(
-            config, data, state, run_dir, metrics_path if main else None, guard.after_training_step
+            config,
+            data,
+            state,
+            run_dir,
+            metrics_path if main else None,
+            guard.after_training_step,
+            steps,
         )
         extras = dict(hook(ctx) or {}) if hook is not None else {}
     state.forward = None  # the DDP wrapper is the loop's, not the result's

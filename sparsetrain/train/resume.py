@@ -5,8 +5,8 @@ directory (or the file given), refuses one from a different configuration (than 
 or than the run directory's ``config.yaml``), rebuilds the run from its config and restores the
 saved state in the order that keeps everything consistent: masks and method state
 (``sp.load_state_dict``), weights, optimizer, lr scheduler, then the RNG states. The
-run continues in its own directory; ``metrics.jsonl`` loses the records written after the
-checkpoint, which the resumed run writes again.
+run continues in its own directory; ``metrics.jsonl`` and ``steps.jsonl`` lose the records
+written after the checkpoint, which the resumed run writes again.
 
 Nothing in the run directory is touched until the checkpoint has been verified (size and sha256)
 and checked against the model, masks and optimizer it is loaded into.
@@ -39,6 +39,7 @@ __all__ = [
     "restore_run",
     "restore_state",
     "trim_metrics",
+    "trim_steps",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ RESUMABLE_KEYS = frozenset(
         "train.keep",
         "train.check_masks_every",
         "train.skip_nonfinite",
+        "train.loggers",
     }
 )
 RUN_CONFIG = "config.yaml"  # the resolved config a run writes into its directory
@@ -253,6 +255,22 @@ def restore_run(state: Any, data: Any, point: ResumePoint) -> None:
     )
 
 
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line torn by the interruption
+            continue
+    return records
+
+
+def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
 def trim_metrics(path: Path, epoch: int, write: bool = True) -> list[dict[str, Any]]:
     """The main run's records of epochs up to ``epoch`` in ``path``; ``write``: keep only those.
 
@@ -261,16 +279,14 @@ def trim_metrics(path: Path, epoch: int, write: bool = True) -> list[dict[str, A
     """
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a line torn by the interruption
-            continue
-    kept = [r for r in records if "phase" not in r and r.get("epoch", 0) <= epoch]
-    if not write:
-        return kept
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    kept = [r for r in _read_records(path) if "phase" not in r and r.get("epoch", 0) <= epoch]
+    if write:
+        _rewrite(path, kept)
     return kept
+
+
+def trim_steps(path: Path, step: int) -> None:
+    """Keep the main run's step records (``steps.jsonl``) up to optimizer step ``step``, as
+    :func:`trim_metrics` does for the epochs: the resumed run writes the later ones again."""
+    if path.exists():
+        _rewrite(path, [r for r in _read_records(path) if "phase" not in r and r["step"] <= step])

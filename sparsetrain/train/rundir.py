@@ -22,6 +22,7 @@ from sparsetrain.train.checkpoint import (
     list_checkpoints,
     remove_temporaries,
 )
+from sparsetrain.train.steplog import STEPS_FILE, TENSORBOARD_DIR
 
 __all__ = ["RUN_FILES", "claim_run_dir", "clear_run", "tidy_run_dir"]
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 RUN_FILES = (
     "config.yaml",
     "metrics.jsonl",
+    STEPS_FILE,
     "report.txt",
     "report.json",
     "curves.png",
@@ -72,12 +74,13 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool = False) -> None:
 
 
 def clear_run(run_dir: str | Path) -> None:
-    """Delete what a run wrote into ``run_dir`` (checkpoints, ``*.pt``, RUN_FILES); other files
-    stay."""
+    """Delete what a run wrote into ``run_dir`` (checkpoints, ``*.pt``, RUN_FILES, TensorBoard
+    events); other files stay."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
     for path in [*run_dir.glob("*.pt"), *(run_dir / name for name in RUN_FILES)]:
         path.unlink(missing_ok=True)
     remove_temporaries(run_dir)
