@@ -153,7 +153,7 @@ class ACDC(Method):
     # ------------------------------------------------------------ transitions
     def _compress(self, sp: Sparsifier) -> None:
         """One-shot magnitude pruning straight to the target, from the current weights."""
-        scores = {name: p.detach().abs() for name, p in sp.params.items()}
+        scores = {name: sp.weight(name).abs() for name in sp.params}
         if self.nm is not None:
             n, m = self.nm
             masks = {

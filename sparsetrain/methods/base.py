@@ -153,7 +153,7 @@ class Method:
     # --------------------------------------------------------------- helpers
     def layer_targets(self, sp: Sparsifier, sparsity: float) -> dict[str, float]:
         """Per-layer target sparsities of this method's distribution, floor and overrides."""
-        weights = {name: p.detach() for name, p in sp.params.items()}
+        weights = self.distribution_inputs(sp, list(sp.params))
         targets = distributions.resolve(
             self.distribution,
             weights,
@@ -164,6 +164,13 @@ class Method:
         )
         self.warn_floored(sp, targets)
         return targets
+
+    def distribution_inputs(self, sp: Sparsifier, names: list[str]) -> dict[str, torch.Tensor]:
+        """What the distribution reads of each weight: whole weights for the ``global`` one (it
+        ranks magnitudes; gathered under FSDP), the parameters for the others (shapes only)."""
+        if self.distribution == "global":
+            return {name: sp.weight(name) for name in names}
+        return {name: sp.params[name].detach() for name in names}
 
     def global_masks(
         self, sp: Sparsifier, scores: dict[str, torch.Tensor], sparsity: float, scale: float = 1.0

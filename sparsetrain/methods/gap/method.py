@@ -331,7 +331,7 @@ class GaP(Method):
             sp.targets.update({n: self.ratios[n] for n in names})
         masks = {
             name: mask_ops.topk_mask(
-                sp.params[name].detach().abs(),
+                sp.weight(name).abs(),
                 mask_ops.n_keep(sp.params[name].numel(), sp.targets[name]),
             )
             for name in names

@@ -1,0 +1,57 @@
+"""Sharded sparse training (FSDP2): every method's masks on 2 (and 4) gloo processes equal one
+unsharded process's on the same global batches, on every rank, with exact counts and masked
+weights and optimizer state zero on every shard; unsupported combinations are refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+METHODS = ["rigl", "rigl-accumulate", "set", "dsr", "gmp", "acdc", "static", "ast"]
+
+
+def launch(tmp_path: Path, processes: int, methods: list[str]) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", str(processes), str(WORKER), str(tmp_path), *methods]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+def check(ranks: list[dict], methods: list[str]) -> None:
+    for name in methods:
+        runs = [report[name] for report in ranks]
+        first = runs[0]
+        assert first["changed_steps"] or name == "static", name  # the masks did change
+        for run in runs:
+            assert run["differing_steps"] == [], name  # equal to one process after every step
+            assert run["digest"] == first["digest"], name  # identical on every rank
+            assert run["active"] == run["ref_active"], name  # exact counts per layer
+            assert run["sparsity"] == run["ref_sparsity"]
+            assert run["masks_are_dtensors"] and run["mask_shard_shapes_match"]
+            assert run["weights_zero_off_mask"], name
+            # AST keeps the values and optimizer state under its masks (nested sub-networks)
+            assert run["state_zero_off_mask"] or name == "ast", name
+            assert run["weights_close"], name
+
+
+def test_two_processes_decide_as_one_unsharded_process(tmp_path):
+    ranks = launch(tmp_path, 2, METHODS)
+    check(ranks, METHODS)
+    for report in ranks:
+        refused = report["refusals"]
+        assert "kernels='sparse' needs whole weights" in refused["sparse_kernels"]
+        assert "P-GaP" in refused["pgap"]
+        assert "sp.full_state_dict()" in refused["export"]
+        assert refused["full_state_dict_sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("methods", [["rigl", "acdc"]])
+def test_four_processes_with_uneven_shards(tmp_path, methods):
+    check(launch(tmp_path, 4, methods), methods)
