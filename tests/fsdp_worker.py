@@ -3,6 +3,9 @@ unsharded process on the same global batches, checked on every rank.
 
 Usage: torchrun --standalone --nproc-per-node N tests/fsdp_worker.py OUT METHOD...
 
+A METHOD written ``resume:NAME`` instead saves a DCP checkpoint at step SAVE_AT, trains on, then
+loads it into freshly built objects and trains the same steps again.
+
 Each rank trains the sharded model on its share of every global batch and, beside it, an unsharded
 copy on the whole batch (the one-process reference). After every step the whole masks must equal
 the reference's; at the end, masked weights and optimizer state must be zero on this rank's shard,
@@ -23,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import sparsetrain as st  # noqa: E402
 from sparsetrain import collectives, sharding  # noqa: E402
 from sparsetrain.errors import ConfigError  # noqa: E402
+from sparsetrain.sharded_checkpoint import load_sharded, save_sharded  # noqa: E402
 
 STEPS = 24
+SAVE_AT = 10
 BATCH = 16  # the global batch
 SPARSITY = 0.75
 
@@ -170,6 +175,45 @@ def run(name: str) -> dict:
     }
 
 
+def whole_state(model, opt, sp) -> dict[str, torch.Tensor]:
+    """Whole weights, masks and optimizer state, for digests."""
+    out = {f"w/{n}": sharding.full(p.detach()) for n, p in model.named_parameters()}
+    out.update({f"m/{n}": m for n, m in sp.full_masks().items()})
+    for n, p in model.named_parameters():
+        for k, v in opt.state[p].items():
+            out[f"o/{n}/{k}"] = sharding.full(v)
+    return out
+
+
+def resume(name: str, out: Path) -> dict:
+    data = batches(STEPS)
+    model, opt, sp = build(name, sharded=True)
+    for x, y in data[:SAVE_AT]:
+        step(model, opt, share(x), share(y))
+    save_sharded(out / name, model, opt, sp, extra={"step": SAVE_AT})
+    saved = whole_state(model, opt, sp)
+    for x, y in data[SAVE_AT:]:
+        step(model, opt, share(x), share(y))
+    straight = whole_state(model, opt, sp)
+    model, opt, sp = build(name, sharded=True)
+    extra = load_sharded(out / name, model, opt, sp)
+    loaded = whole_state(model, opt, sp)
+    for x, y in data[SAVE_AT:]:
+        step(model, opt, share(x), share(y))
+    resumed = whole_state(model, opt, sp)
+    masks = {k: v for k, v in straight.items() if k.startswith("m/")}
+    return {
+        "extra": extra,
+        "saved": collectives.tensor_digest(saved),
+        "loaded": collectives.tensor_digest(loaded),
+        "straight": collectives.tensor_digest(straight),
+        "resumed": collectives.tensor_digest(resumed),
+        "saved_masks": collectives.tensor_digest({k: v for k, v in saved.items() if k[0] == "m"}),
+        "saved_weights": collectives.tensor_digest({k: v for k, v in saved.items() if k[0] == "w"}),
+        "final_masks": collectives.tensor_digest(masks),
+    }
+
+
 def refusals() -> dict:
     out = {}
     for key, kwargs in (
@@ -199,7 +243,10 @@ def refusals() -> dict:
 def main(out: Path, methods: list[str]) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    report = {name: run(name) for name in methods}
+    report = {
+        name: resume(name.split(":")[1], out) if name.startswith("resume:") else run(name)
+        for name in methods
+    }
     report["refusals"] = refusals()
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()

@@ -55,3 +55,36 @@ def test_two_processes_decide_as_one_unsharded_process(tmp_path):
 @pytest.mark.parametrize("methods", [["rigl", "acdc"]])
 def test_four_processes_with_uneven_shards(tmp_path, methods):
     check(launch(tmp_path, 4, methods), methods)
+
+
+def test_dcp_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp_path):
+    from sparsetrain.collectives import tensor_digest
+    from sparsetrain.sharded_checkpoint import load_sharded
+    from tests import fsdp_worker as worker
+
+    methods = ["rigl", "ast", "dsr"]
+    ranks = launch(tmp_path, 2, [f"resume:{m}" for m in methods])
+    for name in methods:
+        runs = [report[f"resume:{name}"] for report in ranks]
+        for run in runs:
+            assert run["extra"] == {"step": worker.SAVE_AT}
+            assert run["loaded"] == run["saved"], name  # weights, masks and optimizer state
+            assert run["resumed"] == run["straight"], name  # bit for bit after resuming
+            assert run == runs[0]
+        # resharded 2 -> 1: the checkpoint loads into one unsharded process, which goes on to
+        # the same masks as the two sharded ones
+        model, opt, sp = worker.build(name, sharded=False)
+        assert load_sharded(tmp_path / name, model, opt, sp) == {"step": worker.SAVE_AT}
+        state = worker.whole_state(model, opt, sp)
+        assert (
+            tensor_digest({k: v for k, v in state.items() if k[0] == "m"}) == runs[0]["saved_masks"]
+        )
+        assert (
+            tensor_digest({k: v for k, v in state.items() if k[0] == "w"})
+            == runs[0]["saved_weights"]
+        )
+        assert sp.step == worker.SAVE_AT
+        for x, y in worker.batches(worker.STEPS)[worker.SAVE_AT :]:
+            worker.step(model, opt, x, y)
+        masks = {k: v for k, v in worker.whole_state(model, opt, sp).items() if k[0] == "m"}
+        assert tensor_digest(masks) == runs[0]["final_masks"], name
