@@ -88,3 +88,77 @@ def test_dcp_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp_pat
             worker.step(model, opt, x, y)
         masks = {k: v for k, v in worker.whole_state(model, opt, sp).items() if k[0] == "m"}
         assert tensor_digest(masks) == runs[0]["final_masks"], name
+
+
+def _cli(tmp_path: Path, processes: int, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", str(processes), "-m", "sparsetrain", "train", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+CLI_RUN = [
+    "data.name=synthetic",
+    "data.options.num_samples=320",
+    "model.name=small_cnn",
+    "model.width=0.25",
+    "train.epochs=3",
+    "train.batch_size=32",
+    "train.log_every=0",
+    "train.save_every=5",
+    "train.keep=10",
+    "train.check_masks_every=5",
+    "train.strategy=fsdp",
+    "sparsity.method=rigl",
+    "sparsity.sparsity=0.8",
+    "sparsity.options.update_every=4",
+]
+
+
+def test_cli_fsdp_run_resumes_exactly_and_on_another_world_size(tmp_path):
+    import shutil
+
+    import torch
+
+    from sparsetrain.collectives import tensor_digest
+    from sparsetrain.train.checkpoint import load_checkpoint
+    from sparsetrain.train.resume import RESUMABLE_KEYS
+
+    straight = tmp_path / "straight"
+    _cli(tmp_path, 2, "--set", *CLI_RUN, f"train.out={straight}")
+    saved = sorted((straight / "checkpoints").glob("step-*.pt"))
+    assert [p.name for p in saved][:2] == ["step-00000005.pt", "step-00000010.pt"]
+    assert all(p.with_name(p.name + ".shards").is_dir() for p in saved)  # DCP shards beside
+    assert load_checkpoint(saved[0])["model"] is None  # the file holds no weights
+
+    def digests(path: Path) -> dict[str, str]:
+        final = load_checkpoint(path)
+        state = final["optimizer"]["state"]
+        return {
+            "model": tensor_digest(final["model"]),
+            "masks": tensor_digest(final["sparsifier"]["masks"]),
+            "optimizer": tensor_digest(
+                {
+                    f"{i}/{k}": v
+                    for i, s in state.items()
+                    for k, v in s.items()
+                    if torch.is_tensor(v)
+                }
+            ),
+            "step": final["step"],
+        }
+
+    expected = digests(straight / "final.pt")  # gathered: whole tensors, as one process writes
+    assert expected["step"] == 30
+    for processes in (2, 1):  # the same world size, then resharded 2 -> 1
+        run = tmp_path / f"resumed{processes}"
+        shutil.copytree(straight, run, ignore=shutil.ignore_patterns("final.pt", "report.*"))
+        _cli(tmp_path, processes, "--resume", str(run / "checkpoints" / "step-00000015.pt"))
+        got = digests(run / "final.pt")
+        if processes == 2:
+            assert got == expected  # bit for bit
+        else:
+            assert got["step"] == expected["step"]
+    assert "train.strategy" not in RESUMABLE_KEYS  # ddp <-> fsdp is a different run
