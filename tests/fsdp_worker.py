@@ -50,6 +50,7 @@ CASES = {
     "acdc": {"distribution": "global", "options": {}},
     "static": {"distribution": "erk", "options": {}},
     "ast": {"sparsity": [0.5, 0.75, 0.9], "options": {"update_every": 3}},
+    "gap": {"distribution": "global", "options": {"groups": 2, "dense_stem": False}},
 }
 
 

@@ -162,3 +162,22 @@ def test_cli_fsdp_run_resumes_exactly_and_on_another_world_size(tmp_path):
         else:
             assert got["step"] == expected["step"]
     assert "train.strategy" not in RESUMABLE_KEYS  # ddp <-> fsdp is a different run
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.strategy=zero"], "train.strategy"),
+        (["train.strategy=fsdp", "sparsity.kernels=sparse"], "needs whole weights on each rank"),
+        (
+            ["train.strategy=fsdp", "sparsity.method=gap", "sparsity.options.parallel=true"],
+            "P-GaP",
+        ),
+    ],
+)
+def test_config_refuses_what_cannot_run_sharded(overrides, match):
+    from sparsetrain.errors import ConfigError
+    from sparsetrain.train.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)

@@ -53,6 +53,10 @@ class TrainingRun(Protocol):
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         """Test loss and accuracy of ``model``."""
 
+    def branch_model(self) -> nn.Module:
+        """A model to train a branch in, whose weights the caller loads: a copy of the trained
+        model (built afresh, and sharded alike, when its weights are sharded)."""
+
     def train_dense_branch(
         self, model: nn.Module, optimizer_state: dict[str, Any] | None, step: int, name: str
     ) -> tuple[tuple[float, float], Path | None]:

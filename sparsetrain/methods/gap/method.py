@@ -326,7 +326,7 @@ class GaP(Method):
         pruned = self.dense_group(t - 1)
         grown = self.dense_group(t) if t < self.phases.total_steps else None
         names = self.partition.groups[pruned]
-        self.record_for_ratios(sp, {n: sp.params[n] for n in names})
+        self.record_for_ratios(sp, {n: sp.weight(n) for n in names})
         if self.ratios is not None:
             sp.targets.update({n: self.ratios[n] for n in names})
         masks = {
