@@ -159,7 +159,9 @@ def main() -> None:
                 rows.append(row)
                 log.info("%s", row)
     args.output.write_text(json.dumps({"cpu_threads_per_process": 1, "rows": rows}, indent=2))
-    print("| strategy | processes | steps/s | peak RSS per rank (MiB) | training state per rank (MiB) |")
+    print(
+        "| strategy | processes | steps/s | peak RSS per rank (MiB) | training state per rank (MiB) |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         print(
