@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-METHODS = ["rigl", "rigl-accumulate", "set", "dsr", "gmp", "acdc", "static", "ast"]
+METHODS = ["rigl", "rigl-accumulate", "set", "dsr", "gmp", "acdc", "static", "ast", "gap"]
 
 
 def launch(tmp_path: Path, processes: int, methods: list[str]) -> list[dict]:
