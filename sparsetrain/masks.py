@@ -17,6 +17,10 @@ Two storage modes share this class:
   sub-networks (AST) need: a sparser sub-network must not destroy weights a denser one uses.
   With ``step_all`` the optimizer steps the kept values too (only the gradient is masked), as a
   model that masks only in its forward would.
+
+Under FSDP2 (DTensor weights) every mask, kept value and enforcement is this rank's shard; the
+accessors that methods decide from (:meth:`Sparsifier.weight`, :meth:`Sparsifier.mask`,
+:meth:`Sparsifier.dense_grad`) gather whole tensors (see :mod:`sparsetrain.sharding`).
 """
 
 from __future__ import annotations

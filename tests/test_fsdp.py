@@ -52,7 +52,7 @@ def test_two_processes_decide_as_one_unsharded_process(tmp_path):
         assert refused["full_state_dict_sparsity"] == 0.5
 
 
-@pytest.mark.parametrize("methods", [["rigl", "acdc"]])
+@pytest.mark.parametrize("methods", [["rigl", "acdc", "dsr", "ast"]])
 def test_four_processes_with_uneven_shards(tmp_path, methods):
     check(launch(tmp_path, 4, methods), methods)
 
