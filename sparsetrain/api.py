@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetrain import distributions, mask_ops
+from sparsetrain import distributions, mask_ops, sharding
 from sparsetrain.errors import ConfigError
 from sparsetrain.kernels import KERNEL_MODES, use_kernels
 from sparsetrain.masks import Sparsifier
@@ -121,6 +121,7 @@ def sparsify(
         model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last
     )
     _check_materialized(params)
+    sharding.check_supported(params, method, options, kernels)
     common = dict(
         sparsity=sparsity,
         total_steps=total_steps,

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sparsetrain import sharding
+
 if TYPE_CHECKING:
     from sparsetrain.masks import Sparsifier
 
@@ -38,13 +40,13 @@ class DriftWatch:
         """Record the current versions: the sparsifier itself just changed these weights."""
         params = self.sp.params
         for name in params if names is None else names:
-            self._versions[name] = params[name]._version
+            self._versions[name] = sharding.local(params[name])._version
 
     def on_backward(self, name: str, param: torch.nn.Parameter) -> None:
         """Compare ``param``'s version with the recorded one; warn once if it keeps moving."""
         if self.warned:
             return
-        version = param._version
+        version = sharding.local(param)._version
         if self._versions.get(name, version) == version:
             return
         self._versions[name] = version
@@ -62,8 +64,10 @@ class DriftWatch:
             )
 
     def _drift_text(self, name: str) -> str:
-        param = self.sp.params[name].detach()
-        off = ~self.sp.mask(name)
+        """Nonzeros outside the mask, counted on this rank's shard (no collective: one rank may
+        warn alone)."""
+        param = sharding.local(self.sp.params[name]).detach()
+        off = ~self.sp.float_mask(name).bool()
         n_off = int(off.sum())
         if n_off == 0:
             return "its mask is full"

@@ -13,6 +13,8 @@ dense copy: the gradient as backward produced it, summed over accumulation micro
 clipping or unscaling (a per-layer ranking does not depend on those scalar factors). At the step,
 under ``torch.distributed``, the copies are averaged over ranks, as DDP averages ``.grad``, so
 every rank ranks the same reduced gradient and grows the same weights. Other steps keep nothing.
+Under FSDP2 the hook sees the sharded gradient already reduced over ranks: it masks and copies the
+local shard only, and the copy is not averaged again.
 
 A gradient that did not come through the hook (assigned by hand, written by a sharding engine) is
 masked in the optimizer's step pre-hook instead, so no gradient reaches the optimizer unmasked.
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sparsetrain import collectives
+from sparsetrain import collectives, sharding
 from sparsetrain.errors import SparsetrainError
 
 if TYPE_CHECKING:
@@ -81,19 +83,19 @@ class GradientMasks:
         return self._wants[1]
 
     def _on_grad(self, name: str, param: torch.nn.Parameter) -> None:
-        grad = param.grad
-        if grad is None:
+        if param.grad is None:
             return
         sp = self.sp
         if name == self._counter:
             self._backwards += 1
         sp.drift.on_backward(name, param)
+        grad = sharding.local(param.grad)
         dense = self.wants_dense()
         if dense:
             self._fold(name, grad)
         if sp.is_enforced(name) and not (sp.kernels is not None and sp.kernels.premasked(name, grad)):
             grad.mul_(sp.float_mask(name))
-        self._masked[name] = weakref.ref(grad)
+        self._masked[name] = weakref.ref(param.grad)
         if dense:
             self._marks[name] = (weakref.ref(grad), grad._version)
 
@@ -114,7 +116,8 @@ class GradientMasks:
             and grad._version == mark[1] + 1
         )
         if continued:
-            self._dense[name] = torch.where(self.sp.mask(name), grad, previous.add_(grad))
+            mask = self.sp.float_mask(name).bool()
+            self._dense[name] = torch.where(mask, grad, previous.add_(grad))
         else:
             self._dense[name] = grad.detach().clone()
 
@@ -129,14 +132,15 @@ class GradientMasks:
             grad = sp.params[name].grad
             seen = self._masked.get(name)
             if grad is not None and (seen is None or seen() is not grad):
-                unhooked.append(grad)
+                unhooked.append(sharding.local(grad))
                 masks.append(sp.float_mask(name))
         if unhooked:
             torch._foreach_mul_(unhooked, masks)
         self._masked.clear()
 
     def _reduced(self) -> dict[str, torch.Tensor]:
-        """This step's dense gradients, averaged over ranks; a tensor per weight with a gradient.
+        """This step's dense gradients, averaged over ranks; a tensor per weight with a gradient
+        (the local shard of a sharded weight, which FSDP has reduced already).
 
         A copy is used while its weight has a gradient (DDP may have swapped ``.grad`` for a view
         of its bucket since); a gradient that came in without the hook is still unmasked here.
@@ -147,14 +151,16 @@ class GradientMasks:
             if param.grad is None:
                 continue
             dense = self._dense.get(name)
-            out[name] = dense if dense is not None else param.grad.detach().clone()
+            out[name] = dense if dense is not None else sharding.local(param.grad).detach().clone()
         if collectives.world_size() > 1:
             # Every rank must send the same list: a weight without gradient here sends zeros.
-            full = {
-                n: out.get(n, torch.zeros_like(p)) for n, p in sp.params.items() if p.requires_grad
+            replicated = {
+                n: out.get(n, torch.zeros_like(p))
+                for n, p in sp.params.items()
+                if p.requires_grad and not sharding.is_sharded(p)
             }
-            collectives.all_reduce_mean_(list(full.values()))
-            out = full
+            collectives.all_reduce_mean_(list(replicated.values()))
+            out.update(replicated)
         self._dense.clear()
         self._marks.clear()
         return out
@@ -166,7 +172,8 @@ class GradientMasks:
                 f"the dense gradient of step {self.sp.step + 1} was not kept: it exists only "
                 "inside the step of a method whose needs_dense_grad(t) is True for that step"
             )
-        return self._ready.get(name)
+        grad = self._ready.get(name)
+        return None if grad is None else sharding.full(sharding.placed(grad, self.sp.params[name]))
 
     def take_backward_count(self) -> int:
         """Backward passes seen since the last call (one per micro-batch of the step)."""

@@ -17,6 +17,10 @@ Two storage modes share this class:
   sub-networks (AST) need: a sparser sub-network must not destroy weights a denser one uses.
   With ``step_all`` the optimizer steps the kept values too (only the gradient is masked), as a
   model that masks only in its forward would.
+
+Under FSDP2 (DTensor weights) every mask, kept value and enforcement is this rank's shard; the
+accessors that methods decide from (:meth:`Sparsifier.weight`, :meth:`Sparsifier.mask`,
+:meth:`Sparsifier.dense_grad`) gather whole tensors (see :mod:`sparsetrain.sharding`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from sparsetrain import sharding
 from sparsetrain.drift import DriftWatch
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.gradients import GradientMasks
@@ -62,7 +67,7 @@ class Sparsifier:
         self.optimizer: torch.optim.Optimizer | None = None
         self.step = 0
         self._masks = {
-            n: torch.ones_like(p, memory_format=torch.contiguous_format)
+            n: torch.ones_like(sharding.local(p), memory_format=torch.contiguous_format)
             for n, p in self.params.items()
         }
         self._density = dict.fromkeys(self.params, 1.0)
@@ -94,12 +99,26 @@ class Sparsifier:
     # ------------------------------------------------------------------ masks
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """Bool masks by fully-qualified parameter name (copies; edit through :meth:`set_mask`)."""
-        return {name: m.bool() for name, m in self._masks.items()}
+        """Bool masks by fully-qualified parameter name (copies; edit through :meth:`set_mask`).
+
+        Placed like their parameters: under FSDP2 a DTensor with the weight's mesh and placements
+        (``.full_tensor()`` or :meth:`full_masks` gives the whole mask). No communication.
+        """
+        return {name: sharding.placed(m.bool(), self.params[name]) for name, m in self._masks.items()}
 
     def mask(self, name: str) -> torch.Tensor:
-        """The bool mask of one parameter."""
-        return self._masks[self._check_name(name)].bool()
+        """The whole bool mask of one parameter (under FSDP an all-gather: call it on every rank)."""
+        name = self._check_name(name)
+        return sharding.full(sharding.placed(self._masks[name].bool(), self.params[name]))
+
+    def full_masks(self) -> dict[str, torch.Tensor]:
+        """Every whole bool mask (:meth:`mask` for each parameter)."""
+        return {name: self.mask(name) for name in self.params}
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The whole weight, detached: what mask decisions rank (under FSDP an all-gather: call
+        it on every rank, at mask updates only)."""
+        return sharding.full(self.params[self._check_name(name)].detach())
 
     def density(self, name: str) -> float:
         """Fraction of active weights of one parameter."""
@@ -126,21 +145,22 @@ class Sparsifier:
             raise ConfigError(
                 f"mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(param.shape)}"
             )
-        new = mask.to(device=param.device, dtype=torch.bool)
+        new = sharding.shard_of(mask, param).to(device=param.device, dtype=torch.bool)
         old = self._masks[name].bool()
-        new_float = new.to(param.dtype)
+        weight = sharding.local(param)
+        new_float = new.to(weight.dtype)
         with torch.no_grad():
             if self._shadow is not None:
                 shadow = self._shadow[name]
-                shadow.copy_(torch.where(old, param, shadow))
-                param.copy_(shadow * new_float)
+                shadow.copy_(torch.where(old, weight, shadow))
+                weight.copy_(shadow * new_float)
             else:
                 regrown = new & ~old
-                param.mul_(new_float).masked_fill_(regrown, 0.0)
+                weight.mul_(new_float).masked_fill_(regrown, 0.0)
                 for state in self._state_tensors(param):
                     state.mul_(new_float).masked_fill_(regrown, 0.0)
         self._masks[name] = new_float
-        self._density[name] = float(new.sum()) / max(1, new.numel())
+        self._density[name] = sharding.count(mask) / max(1, mask.numel())
         self._refresh()
         self.drift.settle([name])
         for listener in self.mask_listeners:
@@ -159,7 +179,7 @@ class Sparsifier:
         them until their mask returns.
         """
         if self._shadow is None:
-            self._shadow = {n: p.detach().clone() for n, p in self.params.items()}
+            self._shadow = {n: sharding.local(p).detach().clone() for n, p in self.params.items()}
         self._step_kept = bool(step_all)
 
     @property
@@ -168,11 +188,17 @@ class Sparsifier:
         return self._shadow is not None
 
     def dense_value(self, name: str) -> torch.Tensor:
-        """The weight with masked-off values restored (kept-values mode), else the weight itself."""
-        param = self.params[self._check_name(name)].detach()
+        """The whole weight with masked-off values restored (kept-values mode), else the whole
+        weight (under FSDP an all-gather: call it on every rank)."""
+        param = self.params[self._check_name(name)]
+        return sharding.full(sharding.placed(self._local_dense(name), param))
+
+    def _local_dense(self, name: str) -> torch.Tensor:
+        """This rank's shard of :meth:`dense_value`."""
+        weight = sharding.local(self.params[name]).detach()
         if self._shadow is None:
-            return param
-        return torch.where(self._masks[name].bool(), param, self._shadow[name])
+            return weight
+        return torch.where(self._masks[name].bool(), weight, self._shadow[name])
 
     # ------------------------------------------------------------- enforcement
     def apply_masks(self, skip: Iterable[str] = ()) -> None:
@@ -181,7 +207,8 @@ class Sparsifier:
         if names:
             with torch.no_grad():
                 torch._foreach_mul_(
-                    [self.params[n] for n in names], [self._masks[n] for n in names]
+                    [sharding.local(self.params[n]) for n in names],
+                    [self._masks[n] for n in names],
                 )
 
     def mask_gradients(self) -> None:
@@ -196,7 +223,7 @@ class Sparsifier:
         for name in self._enforced:
             grad = self.params[name].grad
             if grad is not None and name not in premasked:
-                grads.append(grad)
+                grads.append(sharding.local(grad))
                 masks.append(self._masks[name])
         if grads:
             torch._foreach_mul_(grads, masks)
@@ -207,7 +234,8 @@ class Sparsifier:
         Kept only on steps whose method asked for it (``method.needs_dense_grad(t)``) and only
         while the method's :meth:`~sparsetrain.methods.base.Method.before_step` runs: the sum over
         the step's backward passes, averaged over ranks under torch.distributed, before clipping
-        or unscaling. None when the weight received no gradient.
+        or unscaling; the whole tensor under FSDP (an all-gather: call it on every rank). None
+        when the weight received no gradient.
         """
         return self.gradients.dense_grad(self._check_name(name))
 
@@ -221,7 +249,7 @@ class Sparsifier:
 
     def float_mask(self, name: str) -> torch.Tensor:
         """The mask as the 0/1 tensor of the weight's dtype that enforcement multiplies by (do not
-        modify it)."""
+        modify it): this rank's shard under FSDP, like ``sharding.local`` of the weight."""
         return self._masks[name]
 
     def reset_optimizer_state(self, names: Iterable[str] | None = None) -> None:
@@ -235,10 +263,15 @@ class Sparsifier:
                 state.zero_()
 
     def _state_tensors(self, param: nn.Parameter) -> list[torch.Tensor]:
+        """The weight-shaped optimizer state of ``param``, as local shards under FSDP."""
         if self.optimizer is None:
             return []
         state = self.optimizer.state.get(param, {})
-        return [t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == param.shape]
+        return [
+            sharding.local(t)
+            for t in state.values()
+            if isinstance(t, torch.Tensor) and t.shape == param.shape
+        ]
 
     # ------------------------------------------------------------------- hooks
     def attach(self, optimizer: Any) -> None:
@@ -275,7 +308,7 @@ class Sparsifier:
         # A mask replaced by the method's update applies to this step's gradient at once.
         changed = [n for n in self._enforced if self._masks[n] is not masks[n]]
         grads = [(self.params[n].grad, self._masks[n]) for n in changed]
-        grads = [(g, m) for g, m in grads if g is not None]
+        grads = [(sharding.local(g), m) for g, m in grads if g is not None]
         if grads:
             torch._foreach_mul_([g for g, _ in grads], [m for _, m in grads])
         if skip:
@@ -287,7 +320,7 @@ class Sparsifier:
         if self._step_kept:  # the step sees the whole weight, kept values included
             with torch.no_grad():
                 for n in self._enforced:
-                    self.params[n].copy_(self.dense_value(n))
+                    sharding.local(self.params[n]).copy_(self._local_dense(n))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.inputs is not None:
@@ -295,7 +328,7 @@ class Sparsifier:
         if self._step_kept:
             with torch.no_grad():
                 for n in self._enforced:
-                    self._shadow[n].copy_(self.params[n])
+                    self._shadow[n].copy_(sharding.local(self.params[n]))
         self.apply_masks(skip=self.kernels.after_step() if self.kernels is not None else ())
         self.step += 1
         self.backward_passes += max(1, self.gradients.take_backward_count())
@@ -371,6 +404,12 @@ class Sparsifier:
 
     def baked_copy(self) -> nn.Module:
         """Deep copy of the model with every sparse weight multiplied by its mask."""
+        if sharding.any_sharded(self.params.values()):
+            raise ConfigError(
+                "the model's weights are sharded (FSDP): a copy of one rank's shards is no model; "
+                "gather a plain state dict with sp.full_state_dict() (on every rank) and load it "
+                "into an unsharded model"
+            )
         capturing = self._capture is not None
         self._release_capture()  # a plain copy: no hook of ours
         model = copy.deepcopy(self.model)
@@ -384,8 +423,22 @@ class Sparsifier:
                 params[name].mul_(mask)
         return model
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict as whole plain tensors with masks baked in: loads into the
+        unsharded model with ``strict=True`` (under FSDP an all-gather: call it on every rank)."""
+        out = {}
+        for key, value in self.model.state_dict().items():
+            value = sharding.full(value).detach().clone()
+            if key in self._masks:
+                value.mul_(self.mask(key))
+            out[key] = value
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: masks, targets, counters, method state."""
+        """Everything needed to continue exactly: masks, targets, counters, method state.
+
+        Masks and kept values are placed like their weights (DTensors under FSDP, for
+        ``torch.distributed.checkpoint``)."""
         return {
             "version": STATE_VERSION,
             "step": self.step,
@@ -396,7 +449,7 @@ class Sparsifier:
             "backward_passes": self.backward_passes,
             "shadow": None
             if self._shadow is None
-            else {n: t.clone() for n, t in self._shadow.items()},
+            else {n: sharding.placed(t.clone(), self.params[n]) for n, t in self._shadow.items()},
             "method_state": self.method.state_dict() if self.method is not None else {},
         }
 
@@ -425,14 +478,18 @@ class Sparsifier:
         self._shadow = (
             None
             if state.get("shadow") is None
-            else {n: t.to(self.params[n].device).clone() for n, t in state["shadow"].items()}
+            else {
+                n: sharding.shard_of(t, self.params[n]).to(self.params[n].device).clone()
+                for n, t in state["shadow"].items()
+            }
         )
         with torch.no_grad():
             for name, mask in masks.items():
-                param = self.params[name]
-                self._masks[name] = mask.to(device=param.device, dtype=param.dtype)
-                self._density[name] = float(mask.sum()) / max(1, mask.numel())
-                param.mul_(self._masks[name])
+                weight = sharding.local(self.params[name])
+                shard = sharding.shard_of(mask, self.params[name])
+                self._masks[name] = shard.to(device=weight.device, dtype=weight.dtype)
+                self._density[name] = sharding.count(mask) / max(1, mask.numel())
+                weight.mul_(self._masks[name])
         self._refresh()
         self.drift.settle()
         for name in masks:

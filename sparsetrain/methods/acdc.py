@@ -153,7 +153,7 @@ class ACDC(Method):
     # ------------------------------------------------------------ transitions
     def _compress(self, sp: Sparsifier) -> None:
         """One-shot magnitude pruning straight to the target, from the current weights."""
-        scores = {name: p.detach().abs() for name, p in sp.params.items()}
+        scores = {name: sp.weight(name).abs() for name in sp.params}
         if self.nm is not None:
             n, m = self.nm
             masks = {
@@ -276,7 +276,7 @@ class ACDC(Method):
                 log.warning("AC/DC: no dense snapshot (the final phase never began); no twin")
             return {}
         sparse_loss, sparse_acc = run.evaluate(run.model)
-        twin = run.sparsifier.baked_copy()
+        twin = run.branch_model()
         twin.load_state_dict(self.snapshot["model"])
         (twin_loss, twin_acc), path = run.train_dense_branch(
             twin, self.snapshot["optimizer"], int(self.snapshot["step"]), "dense_twin"

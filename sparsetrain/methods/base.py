@@ -53,6 +53,10 @@ class TrainingRun(Protocol):
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         """Test loss and accuracy of ``model``."""
 
+    def branch_model(self) -> nn.Module:
+        """A model to train a branch in, whose weights the caller loads: a copy of the trained
+        model (built afresh, and sharded alike, when its weights are sharded)."""
+
     def train_dense_branch(
         self, model: nn.Module, optimizer_state: dict[str, Any] | None, step: int, name: str
     ) -> tuple[tuple[float, float], Path | None]:
@@ -153,7 +157,7 @@ class Method:
     # --------------------------------------------------------------- helpers
     def layer_targets(self, sp: Sparsifier, sparsity: float) -> dict[str, float]:
         """Per-layer target sparsities of this method's distribution, floor and overrides."""
-        weights = {name: p.detach() for name, p in sp.params.items()}
+        weights = self.distribution_inputs(sp, list(sp.params))
         targets = distributions.resolve(
             self.distribution,
             weights,
@@ -164,6 +168,13 @@ class Method:
         )
         self.warn_floored(sp, targets)
         return targets
+
+    def distribution_inputs(self, sp: Sparsifier, names: list[str]) -> dict[str, torch.Tensor]:
+        """What the distribution reads of each weight: whole weights for the ``global`` one (it
+        ranks magnitudes; gathered under FSDP), the parameters for the others (shapes only)."""
+        if self.distribution == "global":
+            return {name: sp.weight(name) for name in names}
+        return {name: sp.params[name].detach() for name in names}
 
     def global_masks(
         self, sp: Sparsifier, scores: dict[str, torch.Tensor], sparsity: float, scale: float = 1.0

@@ -234,7 +234,7 @@ class DSR(Method):
                 "dsr: no parameter is left to reparameterize once the paper's dense layers are "
                 f"kept dense ({', '.join(sorted(dense))}); set paper_dense_layers=false"
             )
-        weights = {n: sp.params[n].detach() for n in self.names}
+        weights = self.distribution_inputs(sp, self.names)
         targets = distributions.resolve(
             self.distribution,
             weights,
@@ -286,7 +286,7 @@ class DSR(Method):
         before = {n: sp.mask(n) for n in self.names}
         pruned: dict[str, torch.Tensor] = {}
         for n, mask in before.items():
-            magnitude = sp.params[n].detach().abs()
+            magnitude = sp.weight(n).abs()
             below = mask & (magnitude < self.threshold)
             if mask.any() and torch.equal(below, mask):  # never empty a tensor
                 largest = mask_ops.topk_mask(magnitude.float().masked_fill(~mask, -math.inf), 1)

@@ -115,7 +115,7 @@ class DynamicSparse(Method):
         """Drop and regrow in every layer; the per-layer active count is unchanged."""
         fraction = self.drop_fraction(t)
         new_masks, changed = {}, 0
-        for name, param in sp.params.items():
+        for name in sp.params:
             mask = sp.mask(name)
             active = int(mask.sum())
             if active in (0, mask.numel()):
@@ -123,7 +123,7 @@ class DynamicSparse(Method):
             score = self.grow_score(sp, name, t)
             if score is None:
                 continue
-            kept = self.drop(param, mask, fraction)
+            kept = self.drop(sp.weight(name), mask, fraction)
             new = mask_ops.grow_highest(score, kept, active - int(kept.sum()))
             changed += int((new & ~mask).sum())
             new_masks[name] = new

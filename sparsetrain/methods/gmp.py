@@ -81,7 +81,7 @@ class GMP(Method):
         sp.set_masks({name: torch.ones_like(p, dtype=torch.bool) for name, p in sp.params.items()})
         if self.scope == "global":
             masks = self.global_masks(
-                sp, {name: p.detach().abs() for name, p in sp.params.items()}, self.ramp.final
+                sp, {name: sp.weight(name).abs() for name in sp.params}, self.ramp.final
             )
             sp.targets = {n: 1.0 - float(m.sum()) / m.numel() for n, m in masks.items()}
         else:
@@ -127,15 +127,15 @@ class GMP(Method):
             keep = mask_ops.n_keep(p.numel(), self.layer_ramps[name](t))
             excess = int(mask.sum()) - keep
             if excess > 0:
-                masks[name] = mask_ops.drop_lowest(p.detach().abs(), mask, excess)
+                masks[name] = mask_ops.drop_lowest(sp.weight(name).abs(), mask, excess)
         return masks
 
     def _prune_global(self, sp: Sparsifier, sparsity: float) -> dict[str, torch.Tensor]:
         # Pruned positions score -inf so a weight that is active and exactly 0 never loses its
         # place to a pruned one: pruned weights never return.
         scores = {
-            name: torch.where(sp.mask(name), p.detach().abs(), float("-inf"))
-            for name, p in sp.params.items()
+            name: torch.where(sp.mask(name), sp.weight(name).abs(), float("-inf"))
+            for name in sp.params
         }
         scale = sparsity / self.ramp.final if self.ramp.final > 0 else 1.0
         return self.global_masks(sp, scores, sparsity, scale=scale)

@@ -12,13 +12,14 @@ gradient densely and are charged for it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from sparsetrain import sharding
 from sparsetrain.inputs import ExampleInput
 from sparsetrain.report.flops import FlopsReport, inference_flops, training_flops_per_step
 from sparsetrain.report.sparsity import SparsityReport, sparsity_report
@@ -170,11 +171,28 @@ def build_report(
     return report
 
 
+class _WholeWeights(nn.Module):
+    """Stands for a sharded model in its report: its parameters are the whole weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._whole = {n: sharding.full(p.detach()) for n, p in model.named_parameters()}
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._whole.items())
+
+
 def summarize(sp: Sparsifier, example_input: ExampleInput | None = None) -> Report:
-    """The report of a live Sparsifier (what ``sp.report()`` returns)."""
+    """The report of a live Sparsifier (what ``sp.report()`` returns).
+
+    Sharded (FSDP) weights are gathered, on every rank, for the per-layer table; FLOPs are then
+    left out (count them on the unsharded model, e.g. ``sparsetrain report final.pt``)."""
+    model = sp.model
+    if sharding.any_sharded(model.parameters()):
+        model, example_input = _WholeWeights(model), None
     return build_report(
-        sp.model,
-        sp.masks,
+        model,
+        sp.full_masks(),
         sp.targets,
         example_input,
         density_sum=sp.mean_density_steps(),

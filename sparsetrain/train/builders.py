@@ -18,6 +18,7 @@ from sparsetrain.errors import ConfigError
 from sparsetrain.models import build_model, model_task
 from sparsetrain.train import distributed
 from sparsetrain.train.config import Config, SparsityConfig
+from sparsetrain.train.fsdp import shard_model
 from sparsetrain.train.optim import build_optimizer, build_scheduler
 from sparsetrain.train.sampler import EpochBatchSampler
 from sparsetrain.train.state import Data, TrainState
@@ -130,7 +131,7 @@ def layer_kwargs(s: SparsityConfig) -> dict[str, Any]:
 
 
 def build_state(config: Config, data: Data, device: torch.device) -> TrainState:
-    model = build_model_for(config, data.info).to(device)
+    model = shard_model(build_model_for(config, data.info).to(device), config.train.strategy)
     optimizer = build_optimizer(model.parameters(), config.optimizer)
     steps_per_epoch = len(data.train)
     total_steps = config.train.epochs * steps_per_epoch

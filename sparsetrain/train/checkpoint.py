@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from sparsetrain.errors import CheckpointError
-from sparsetrain.train import distributed
+from sparsetrain.train import distributed, fsdp
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -71,6 +71,7 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     it with the same arguments.
     """
     path = Path(path)
+    checkpoint = fsdp.save_parts(path, checkpoint, resumable=checkpoint_step(path) is not None)
     if distributed.rank() != 0:
         return path
     payload = {**checkpoint, "format": FORMAT, "version": VERSION}
@@ -199,7 +200,7 @@ def save_rotating(run_dir: str | Path, checkpoint: dict[str, Any], step: int, ke
     path = save_checkpoint(Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt", checkpoint)
     if distributed.rank() == 0:
         for old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+            fsdp.remove_checkpoint(old)
             log.debug("removed old checkpoint %s", old)
     return path
 
@@ -245,9 +246,7 @@ def state_checkpoint(state: Any, config: Any, data: Any, metrics: dict[str, Any]
     progress = getattr(state, "progress", None)
     sampler = getattr(data, "sampler", None)
     return {
-        "model": state.model.state_dict(),
-        "sparsifier": state.sparsifier.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
+        **fsdp.training_parts(state),  # model, sparsifier, optimizer (sharded: saved beside)
         "scheduler": state.scheduler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,

@@ -41,6 +41,7 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adamw")
 LOGGERS = ("tensorboard",)  # sinks for the step and epoch records besides the JSON lines files
+STRATEGIES = ("ddp", "fsdp")  # torchrun: replicated weights, or sharded (FSDP2 fully_shard)
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -74,6 +75,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip the update of a batch whose loss is inf/nan, not stop
     check_masks_every: int = 0  # torchrun: steps between cross-rank mask hash checks; 0: at the end
     loggers: list[str] = field(default_factory=list)  # beside the JSON lines files: tensorboard
+    strategy: str = "ddp"  # torchrun: ddp (every rank holds the model) or fsdp (sharded)
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,17 @@ def _validate(config: Config) -> None:
     if config.sparsity.distribution is not None:
         _choice("sparsity.distribution", config.sparsity.distribution, DISTRIBUTIONS)
     _choice("sparsity.kernels", config.sparsity.kernels, KERNEL_MODES)
+    _choice("train.strategy", config.train.strategy, STRATEGIES)
+    if config.train.strategy == "fsdp" and config.sparsity.kernels != "dense":
+        raise ConfigError(
+            f"sparsity.kernels={config.sparsity.kernels} needs whole weights on each rank; "
+            "train.strategy=fsdp shards them: use sparsity.kernels=dense or train.strategy=ddp"
+        )
+    if config.train.strategy == "fsdp" and config.sparsity.options.get("parallel"):
+        raise ConfigError(
+            "P-GaP (sparsity.options.parallel=true) trains one whole model copy per process and "
+            "cannot run sharded: use train.strategy=ddp, or C-GaP (parallel=false)"
+        )
 
     t = config.train
     _positive("model.width", config.model.width)

@@ -10,8 +10,10 @@ from torch import nn
 
 import sparsetrain as st
 from sparsetrain.train.branch import train_dense_branch
+from sparsetrain.train.builders import build_model_for
 from sparsetrain.train.config import Config
 from sparsetrain.train.epochs import StepHook, evaluate, run_epochs
+from sparsetrain.train.fsdp import is_sharded, shard_model
 from sparsetrain.train.state import Data, TrainState
 from sparsetrain.train.steplog import StepLog
 
@@ -46,6 +48,13 @@ class TrainContext:
     @property
     def sparsifier(self) -> st.Sparsifier:
         return self.state.sparsifier
+
+    def branch_model(self) -> nn.Module:
+        if not is_sharded(self.model):
+            return self.sparsifier.baked_copy()
+        device = next(self.model.parameters()).device
+        model = build_model_for(self.config, self.data.info).to(device)
+        return shard_model(model, self.config.train.strategy)
 
     def train_dense_branch(
         self, model: nn.Module, optimizer_state: dict[str, Any] | None, step: int, name: str

@@ -9,7 +9,8 @@ gradient a method ranks is averaged by the sparsifier at the step), or from gene
 (seed, tensor name, step). :func:`check_same_masks` verifies that claim on demand
 (``train.check_masks_every``). The collectives live in :mod:`sparsetrain.collectives` and are
 re-exported here for the loop. Every helper is a no-op in a single process.
-See docs/distributed.md for multi-node runs and what sharded training (FSDP) would need.
+With ``train.strategy: fsdp`` the model is sharded instead (:mod:`sparsetrain.train.fsdp`).
+See docs/distributed.md for multi-node runs and sharded training.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from sparsetrain.collectives import (
@@ -76,7 +78,7 @@ def wrap_model(model: nn.Module) -> nn.Module:
     in a step says so with ``leaves_parameters_unused = True`` (AST's switchable BatchNorm: only
     the active copy is used), and DDP is told to look for unused parameters.
     """
-    if not is_distributed():
+    if not is_distributed() or isinstance(model, FSDPModule):  # FSDP2 reduces by itself
         return model
     device = next(model.parameters()).device
     unused = any(getattr(m, "leaves_parameters_unused", False) for m in model.modules())

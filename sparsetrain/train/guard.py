@@ -57,7 +57,7 @@ class StepGuard:
     def step(self, state: TrainState) -> None:
         """After every batch: mask check, stop on a signal, periodic checkpoint."""
         if self.check_every and state.step % self.check_every == 0:
-            distributed.check_same_masks(state.sparsifier.masks, state.step)
+            distributed.check_same_masks(state.sparsifier.full_masks(), state.step)
         if distributed.any_rank(self.signals.received is not None):
             name = signal.Signals(self.signals.received or signal.SIGTERM).name
             log.info("%s: saving a checkpoint after step %d, then stopping", name, state.step)
@@ -81,7 +81,7 @@ class StepGuard:
         several processes) a final check that every rank holds the same masks."""
         self.save(state, record)
         if distributed.is_distributed():
-            digest = distributed.check_same_masks(state.sparsifier.masks, state.step)
+            digest = distributed.check_same_masks(state.sparsifier.full_masks(), state.step)
             log.info("masks identical on every rank (sha256 %s)", digest[:16])
 
     # --------------------------------------------------------------- actions

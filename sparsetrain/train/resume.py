@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsetrain.errors import CheckpointError
+from sparsetrain.train import fsdp
 from sparsetrain.train.checkpoint import (
     CHECKPOINT_DIR,
     list_checkpoints,
@@ -82,7 +83,8 @@ class ResumePoint:
 
 
 def _require_training_state(checkpoint: Mapping[str, Any], path: Path) -> None:
-    missing = [key for key in _TRAINING_STATE if checkpoint.get(key) is None]
+    sharded = ("model", "sparsifier", "optimizer") if checkpoint.get("shards") else ()
+    missing = [k for k in _TRAINING_STATE if checkpoint.get(k) is None and k not in sharded]
     if missing or not isinstance(checkpoint.get("config"), Mapping):
         raise CheckpointError(
             f"{path} holds no training state to resume from (missing {', '.join(missing) or 'config'})"
@@ -219,11 +221,15 @@ def restore_state(state: Any, checkpoint: Mapping[str, Any], path: str | Path) -
     """
     path = Path(path)
     _require_training_state(checkpoint, path)
-    _check_fits(state, checkpoint, path)
+    if not checkpoint.get("shards"):
+        _check_fits(state, checkpoint, path)
     try:
-        state.sparsifier.load_state_dict(checkpoint["sparsifier"])
-        state.model.load_state_dict(checkpoint["model"])
-        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("shards"):  # train.strategy fsdp: DCP shards beside the file
+            fsdp.load_parts(state, checkpoint, path)
+        else:
+            state.sparsifier.load_state_dict(checkpoint["sparsifier"])
+            state.model.load_state_dict(checkpoint["model"])
+            state.optimizer.load_state_dict(checkpoint["optimizer"])
         state.scheduler.load_state_dict(checkpoint["scheduler"])
     except (RuntimeError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

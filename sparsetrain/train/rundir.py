@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from sparsetrain.errors import ConfigError
-from sparsetrain.train import distributed
+from sparsetrain.train import distributed, fsdp
 from sparsetrain.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_step,
@@ -92,4 +92,4 @@ def tidy_run_dir(run_dir: str | Path, step: int) -> None:
     for path in list_checkpoints(run_dir):
         if checkpoint_step(path) > step:
             log.info("removing %s: written after step %d, where the run continues", path, step)
-            path.unlink(missing_ok=True)
+            fsdp.remove_checkpoint(path)

@@ -333,7 +333,7 @@ class AST(Method):
         self.prev_grad = None if prev is None else {n: g.clone() for n, g in prev.items()}
         self._conflicts = int(state.get("conflicts", 0))
         set_active(self._bns.values(), self.active)
-        loaded = self._sp.masks
+        loaded = self._sp.full_masks()
         if any(not torch.equal(loaded[n], m) for n, m in self.subnets.masks(self.active).items()):
             raise CheckpointError("ast state: the active sub-network's masks differ from sp's")
 
@@ -382,7 +382,7 @@ class AST(Method):
             dense = set(sp.params) - set(self.subnets.nm_layers)
             return {name: 0.0 if name in dense else 1.0 - n / m for name in sp.params}
         if self.distribution == "global":
-            scores = {name: p.detach().abs() for name, p in sp.params.items()}
+            scores = {name: sp.weight(name).abs() for name in sp.params}
             masks = self.global_masks(sp, scores, self.sparsities[i])
             return {n: 1.0 - float(m.sum()) / m.numel() for n, m in masks.items()}
         return self.layer_targets(sp, self.sparsities[i])

@@ -326,12 +326,12 @@ class GaP(Method):
         pruned = self.dense_group(t - 1)
         grown = self.dense_group(t) if t < self.phases.total_steps else None
         names = self.partition.groups[pruned]
-        self.record_for_ratios(sp, {n: sp.params[n] for n in names})
+        self.record_for_ratios(sp, {n: sp.weight(n) for n in names})
         if self.ratios is not None:
             sp.targets.update({n: self.ratios[n] for n in names})
         masks = {
             name: mask_ops.topk_mask(
-                sp.params[name].detach().abs(),
+                sp.weight(name).abs(),
                 mask_ops.n_keep(sp.params[name].numel(), sp.targets[name]),
             )
             for name in names
