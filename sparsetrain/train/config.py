@@ -208,16 +208,11 @@ def _validate(config: Config) -> None:
         _choice("sparsity.distribution", config.sparsity.distribution, DISTRIBUTIONS)
     _choice("sparsity.kernels", config.sparsity.kernels, KERNEL_MODES)
     _choice("train.strategy", config.train.strategy, STRATEGIES)
-    if config.train.strategy == "fsdp" and config.sparsity.kernels != "dense":
-        raise ConfigError(
-            f"sparsity.kernels={config.sparsity.kernels} needs whole weights on each rank; "
-            "train.strategy=fsdp shards them: use sparsity.kernels=dense or train.strategy=ddp"
-        )
-    if config.train.strategy == "fsdp" and config.sparsity.options.get("parallel"):
-        raise ConfigError(
-            "P-GaP (sparsity.options.parallel=true) trains one whole model copy per process and "
-            "cannot run sharded: use train.strategy=ddp, or C-GaP (parallel=false)"
-        )
+    if config.train.strategy == "fsdp":
+        from sparsetrain.train.fsdp import sharded_config_problem
+
+        if problem := sharded_config_problem(config.sparsity.kernels, config.sparsity.options):
+            raise ConfigError(problem)
 
     t = config.train
     _positive("model.width", config.model.width)

@@ -92,6 +92,21 @@ class ShardedParts:
         self.model, self.optimizer, self.sparsifier = model, optimizer, sparsifier
 
 
+def sharded_config_problem(kernels: str, options: Mapping[str, Any]) -> str | None:
+    """Why a run with these ``sparsity.kernels`` and method ``options`` cannot train sharded."""
+    if kernels != "dense":
+        return (
+            f"sparsity.kernels={kernels} needs whole weights on each rank; "
+            "train.strategy=fsdp shards them: use sparsity.kernels=dense or train.strategy=ddp"
+        )
+    if options.get("parallel"):
+        return (
+            "P-GaP (sparsity.options.parallel=true) trains one whole model copy per process and "
+            "cannot run sharded: use train.strategy=ddp, or C-GaP (parallel=false)"
+        )
+    return None
+
+
 def shards_of(path: Path) -> Path:
     """The DCP directory beside the checkpoint file ``path``."""
     return path.with_name(path.name + SHARDS_SUFFIX)
