@@ -16,6 +16,7 @@ from sparsetrain.errors import (
 )
 from sparsetrain.masks import Sparsifier
 from sparsetrain.methods import Method, list_methods, register_method
+from sparsetrain.twin import finetune_dense_twin
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "Sparsifier",
     "SparsetrainError",
     "__version__",
+    "finetune_dense_twin",
     "list_methods",
     "register_method",
     "sparsify",

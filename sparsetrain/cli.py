@@ -53,6 +53,12 @@ def _subnet_arg(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"not an index or a sparsity: {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)
+
+
 def _pick_subnet(checkpoint: dict, subnet: int | float | None) -> dict:
     """The checkpoint of one AST sub-network (plain model keys); others pass through."""
     if subnet is None and checkpoint["sparsifier"].get("method") != "ast":
@@ -276,12 +282,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sparsetrain.compare import load_grid, run_grid, write_summary
 
-    grid = load_grid(_config_file(args.config), quick=args.quick, overrides=args.overrides)
+    grid = load_grid(
+        _config_file(args.config),
+        quick=args.quick,
+        overrides=args.overrides,
+        variants=args.variants.split(",") if args.variants else None,
+    )
     out = Path(args.out or ("runs/compare_quick" if args.quick else "runs/compare"))
     if not (args.verbose or args.quiet):  # per-epoch lines of every cell would bury the grid
         logging.getLogger("sparsetrain").setLevel(logging.WARNING)
         logging.getLogger("sparsetrain.compare").setLevel(logging.INFO)
-    outcome = run_grid(grid, out)
+    outcome = run_grid(grid, out, jobs=args.jobs)
     written = write_summary(outcome.records, out, [v.name for v in grid.variants])
     print(f"{len(outcome.ran)} cells run, {len(outcome.skipped)} already done")
     print(f"results: {out / 'results.jsonl'}")
@@ -364,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="grid YAML: a path, or compare / compare_gpt (shipped)")
     p.add_argument("--quick", action="store_true", help="the grid file's quick section")
     p.add_argument("--out", help="results directory (default: runs/compare or runs/compare_quick)")
+    p.add_argument("--variants", help="only these rows, comma-separated (e.g. gmp,acdc)")
+    p.add_argument(
+        "--jobs", type=_positive_int, default=1, help="cells trained at once, threads shared out"
+    )
     _add_overrides(p, "override a training config key of every cell, e.g. --set train.epochs=1")
     p.set_defaults(func=cmd_compare)
 

@@ -66,6 +66,12 @@ def test_grid_expands_to_the_expected_cells():
     expected = [f"mlp/{k}/seed{s}" for s in (0, 1) for k in per_seed]
     expected += [f"small_cnn/{k}/seed3" for k in per_seed]
     assert keys == expected
+    grid = _grid({"static": {"method": "static"}}, models={"mlp": {}, "gpt": {"sparsities": [0.9]}})
+    assert [c.key for c in expand(grid)] == [
+        "mlp/static/0.5/seed0",
+        "mlp/static/0.75/seed0",
+        "gpt/static/0.9/seed0",
+    ]
 
 
 def test_cell_configs_share_the_setup_and_differ_in_method():
@@ -76,6 +82,27 @@ def test_cell_configs_share_the_setup_and_differ_in_method():
     assert [c.sparsity.sparsity for c in configs] == [0.0, 0.5, 0.75]
     assert {c.optimizer for c in configs} == {configs[0].optimizer}
     assert {grid.setup_id(c) for c in cells} == {grid.setup_id(cells[0])}
+
+
+def test_variant_set_changes_its_sparsity_keys_and_variants_pick_rows():
+    rows = {
+        "acdc": {"method": "acdc"},
+        "acdc_dense_last": {"method": "acdc", "set": ["sparsity.dense_last=true"]},
+        "gmp": {"method": "gmp"},
+    }
+    raw = {"base": BASE, "models": ["mlp"], "sparsities": [0.5], "seeds": [0], "variants": rows}
+    grid = grid_from_dict(raw)
+    by_name = {c.variant.name: grid.config_for(c, "-") for c in expand(grid)}
+    assert by_name["acdc_dense_last"].sparsity.dense_last
+    assert not by_name["acdc"].sparsity.dense_last
+    assert {grid.setup_id(c) for c in expand(grid)} == {grid.setup_id(expand(grid)[0])}
+    picked = grid_from_dict(raw, variants=["gmp", "acdc"])
+    assert [c.key for c in expand(picked)] == ["mlp/gmp/0.5/seed0", "mlp/acdc/0.5/seed0"]
+    with pytest.raises(ConfigError, match="unknown variant.*the grid has acdc, acdc_dense_last"):
+        grid_from_dict(raw, variants=["rigl"])
+    rows["bad"] = {"method": "gmp", "set": ["train.epochs=9"]}
+    with pytest.raises(ConfigError, match="only sparsity"):
+        grid_from_dict(raw)
 
 
 def test_grid_rejects_bad_input():
@@ -327,3 +354,23 @@ def test_the_shipped_quick_grid_gives_every_cell_over_a_hundred_steps(tmp_path):
             config.data.options["train_subset"] // config.train.batch_size
         )
         assert steps >= 100, cell.key
+
+
+def test_parallel_jobs_give_the_records_of_a_serial_run(tmp_path):
+    grid = _grid({"dense": {"method": "dense", "kind": "dense"}, "rigl": {"method": "rigl"}})
+    serial = run_grid(grid, tmp_path / "serial", progress=False)
+    parallel = run_grid(grid, tmp_path / "parallel", progress=False, jobs=2)
+    assert sorted(parallel.ran) == sorted(serial.ran) and len(serial.ran) == 3
+    assert not parallel.failed
+    by_cell = {r["cell"]: r for r in load_records(tmp_path / "parallel" / RESULTS)}
+    assert {r["threads"] for r in by_cell.values()} == {1}
+    for record in serial.records:  # same masks and accuracies; one thread vs several rounds
+        twin = by_cell[record["cell"]]
+        assert twin["actual_sparsity"] == record["actual_sparsity"]
+        assert twin["test_acc"] == pytest.approx(record["test_acc"], abs=0.05)
+
+
+def test_cli_compare_refuses_a_bad_jobs_count(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "compare", "--jobs", "0"])
+    assert "not a positive integer" in capsys.readouterr().err

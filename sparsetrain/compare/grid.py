@@ -1,8 +1,10 @@
 """The comparison grid: which runs ``sparsetrain compare`` makes, each named by a stable key.
 
 A grid file holds the shared training setup (``base``: the sections of a ``sparsetrain train``
-config) and the axes: ``models`` (each with optional ``seeds`` and ``set`` overrides), ``sparsities``,
-``seeds`` and ``variants``. A variant is a method with its options and a ``kind``:
+config) and the axes: ``models``, ``sparsities``, ``seeds`` and ``variants``. A model may give its
+own ``seeds`` or ``sparsities`` (replacing the grid's for it) and ``set`` overrides. A variant
+is a method with its options, optional ``set`` overrides of ``sparsity.*`` keys (e.g.
+``sparsity.dense_last=true``) and a ``kind``:
 
 ``sparse``  one run per sparsity (static, GMP, SET, RigL, DSR, AC/DC, GaP, ...)
 ``dense``   one run per model and seed, sparsity 0 (the dense baseline)
@@ -34,8 +36,8 @@ __all__ = ["KINDS", "Cell", "Grid", "Variant", "expand", "load_grid", "grid_from
 KINDS = ("sparse", "dense", "thin", "multi")
 _TOP_KEYS = {"base", "models", "sparsities", "seeds", "variants", "quick"}
 _QUICK_KEYS = {"models", "sparsities", "seeds", "variants", "set"}
-_VARIANT_KEYS = {"method", "kind", "distribution", "options", "sparsities"}
-_MODEL_KEYS = {"seeds", "set"}
+_VARIANT_KEYS = {"method", "kind", "distribution", "options", "sparsities", "set"}
+_MODEL_KEYS = {"seeds", "sparsities", "set"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Variant:
     distribution: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     sparsities: tuple[float, ...] = ()  # multi only: the sub-networks of the single run
+    overrides: tuple[str, ...] = ()  # sparsity.* keys of this variant (e.g. dense_last=true)
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class Grid:
     """A parsed grid file: the shared setup and the axes."""
 
     base: dict[str, Any]
-    models: dict[str, dict[str, Any]]  # name -> {"seeds": [...] | None, "set": [...]}
+    models: dict[str, dict[str, Any]]  # name -> {"seeds", "sparsities": tuple | None, "set"}
     sparsities: tuple[float, ...]
     seeds: tuple[int, ...]
     variants: tuple[Variant, ...]
@@ -94,6 +97,8 @@ class Grid:
             "distribution": v.distribution,
             "options": dict(v.options),
         }
+        if v.overrides:
+            raw = apply_overrides(raw, list(v.overrides))
         return config_from_dict(raw, f" in compare cell {cell.key}")
 
     def setup_id(self, cell: Cell) -> str:
@@ -169,6 +174,10 @@ def _variant(name: str, body: Any) -> Variant:
     options = body.get("options") or {}
     if not isinstance(options, Mapping):
         raise ConfigError(f"{where}.options must be a mapping, got {options!r}")
+    overrides = _overrides(body.get("set"), f"{where}.set")
+    outside = [o for o in overrides if not o.startswith("sparsity.")]
+    if outside:  # the rest of the setup is shared by every row of a model
+        raise ConfigError(f"{where}.set may change only sparsity.* keys, not {', '.join(outside)}")
     return Variant(
         name=name,
         method=str(body["method"]),
@@ -176,6 +185,7 @@ def _variant(name: str, body: Any) -> Variant:
         distribution=body.get("distribution"),
         options=dict(options),
         sparsities=_levels(body["sparsities"], f"{where}.sparsities") if kind == "multi" else (),
+        overrides=overrides,
     )
 
 
@@ -187,18 +197,35 @@ def _models(value: Any, where: str) -> dict[str, dict[str, Any]]:
     models = {}
     for name, body in value.items():
         body = _check_keys(body, _MODEL_KEYS, f"{where}.{name}")
-        seeds = body.get("seeds")
+        seeds, levels = body.get("seeds"), body.get("sparsities")
         models[str(name)] = {
             "seeds": None if seeds is None else _seeds(seeds, f"{where}.{name}.seeds"),
+            "sparsities": None if levels is None else _levels(levels, f"{where}.{name}.sparsities"),
             "set": _overrides(body.get("set"), f"{where}.{name}.set"),
         }
     return models
 
 
+def _pick(variants: tuple[Variant, ...], names: Sequence[str], where: str) -> tuple[Variant, ...]:
+    known = {v.name: v for v in variants}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ConfigError(
+            f"{where} names unknown variant(s): {', '.join(missing)}; "
+            f"the grid has {', '.join(known)}"
+        )
+    return tuple(known[n] for n in names)
+
+
 def grid_from_dict(
-    raw: Mapping[str, Any], *, quick: bool = False, overrides: Sequence[str] = ()
+    raw: Mapping[str, Any],
+    *,
+    quick: bool = False,
+    overrides: Sequence[str] = (),
+    variants: Sequence[str] | None = None,
 ) -> Grid:
-    """Parse a grid mapping; ``quick`` applies its ``quick`` section, ``overrides`` every cell."""
+    """Parse a grid mapping; ``quick`` applies its ``quick`` section, ``overrides`` every cell,
+    ``variants`` keeps only the rows named (in that order)."""
     raw = _check_keys(raw, _TOP_KEYS, "the compare grid")
     base = raw.get("base") or {}
     if not isinstance(base, Mapping):
@@ -207,7 +234,7 @@ def grid_from_dict(
     variants_raw = _check_keys(raw.get("variants"), set(raw.get("variants") or {}), "variants")
     if not variants_raw:
         raise ConfigError("the compare grid needs at least one variant")
-    variants = tuple(_variant(str(n), b) for n, b in variants_raw.items())
+    rows = tuple(_variant(str(n), b) for n, b in variants_raw.items())
     models, extra = raw.get("models"), ()
     sparsities, seeds = raw.get("sparsities"), raw.get("seeds")
     if quick:
@@ -215,18 +242,15 @@ def grid_from_dict(
         models, sparsities = q.get("models", models), q.get("sparsities", sparsities)
         seeds, extra = q.get("seeds", seeds), _overrides(q.get("set"), "quick.set")
         if "variants" in q:
-            names = q["variants"]
-            known = {v.name: v for v in variants}
-            missing = [n for n in names if n not in known]
-            if missing:
-                raise ConfigError(f"quick.variants names unknown variant(s): {', '.join(missing)}")
-            variants = tuple(known[n] for n in names)
+            rows = _pick(rows, q["variants"], "quick.variants")
+    if variants is not None:
+        rows = _pick(rows, variants, "--variants")
     grid = Grid(
         base=dict(base),
         models=_models(models, "models"),
         sparsities=_levels(sparsities, "sparsities"),
         seeds=_seeds(seeds, "seeds"),
-        variants=variants,
+        variants=rows,
         overrides=(*extra, *overrides),
     )
     for cell in expand(grid):  # every cell's config is valid before anything trains
@@ -234,8 +258,14 @@ def grid_from_dict(
     return grid
 
 
-def load_grid(path: str | Path, *, quick: bool = False, overrides: Sequence[str] = ()) -> Grid:
-    """Read a grid YAML file (see the module docstring)."""
+def load_grid(
+    path: str | Path,
+    *,
+    quick: bool = False,
+    overrides: Sequence[str] = (),
+    variants: Sequence[str] | None = None,
+) -> Grid:
+    """Read a grid YAML file (see the module docstring and :func:`grid_from_dict`)."""
     path = Path(path)
     try:
         raw = parse_yaml(path.read_text())
@@ -247,7 +277,7 @@ def load_grid(path: str | Path, *, quick: bool = False, overrides: Sequence[str]
         raise ConfigError(f"{path}: a compare grid must be a mapping, got {raw!r}")
     if quick and not raw.get("quick"):
         raise ConfigError(f"{path} has no quick section for --quick")
-    return grid_from_dict(raw, quick=quick, overrides=overrides)
+    return grid_from_dict(raw, quick=quick, overrides=overrides, variants=variants)
 
 
 def expand(grid: Grid) -> list[Cell]:
@@ -262,6 +292,6 @@ def expand(grid: Grid) -> list[Cell]:
                 elif v.kind == "multi":
                     levels = [v.sparsities]
                 else:
-                    levels = list(grid.sparsities)
+                    levels = list(setup["sparsities"] or grid.sparsities)
                 cells += [Cell(model, v, s, seed, overrides) for s in levels]
     return cells

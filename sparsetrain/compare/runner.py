@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from sparsetrain import tasks
@@ -124,6 +127,7 @@ def _common(cell: Cell, grid: Grid, config: Config, result: RunResult, wall: flo
         "steps": steps,
         "width": config.model.width,
         "wall_s": round(wall, 2),
+        "threads": torch.get_num_threads(),
         "dense_params": params,
         "dense_inference_flops": forward,
         "dense_train_flops": dense_train,
@@ -231,16 +235,65 @@ def _check_setup(records: list[dict[str, Any]], grid: Grid, cells: list[Cell], o
             )
 
 
+def _run_one(
+    cell: Cell, grid: Grid, run_dir: Path, trainer: Callable[[Config], RunResult]
+) -> list[dict[str, Any]]:
+    clear_run(run_dir)  # a cell not in the results never finished: it starts over
+    return run_cell(cell, grid, run_dir, trainer)
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _completed(
+    pending: list[Cell],
+    grid: Grid,
+    out: Path,
+    trainer: Callable[[Config], RunResult],
+    jobs: int,
+) -> Iterator[tuple[Cell, list[dict[str, Any]] | BaseException]]:
+    """(cell, its records or the error it raised), in the order the cells finish."""
+
+    def run_dir(cell: Cell) -> Path:
+        return out / "runs" / cell.key.replace("/", "_")
+
+    if jobs == 1:
+        for cell in pending:
+            try:
+                yield cell, _run_one(cell, grid, run_dir(cell), trainer)
+            except Exception as error:  # noqa: BLE001 - reported at the end, the grid goes on
+                log.debug("%s", traceback.format_exc())
+                yield cell, error
+        return
+    threads = max(1, torch.get_num_threads() // jobs)  # the cores shared out, not oversubscribed
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)
+    ) as pool:
+        futures = {pool.submit(_run_one, c, grid, run_dir(c), trainer): c for c in pending}
+        for future in as_completed(futures):
+            error = future.exception()
+            yield futures[future], error if error is not None else future.result()
+
+
 def run_grid(
     grid: Grid,
     out: str | Path,
     *,
     trainer: Callable[[Config], RunResult] = train,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> GridRun:
     """Run every cell of ``grid`` not yet in ``OUT/results.jsonl``; failures are logged and
     returned, and the other cells still run (an hour-long grid should not stop at one error).
+
+    ``jobs`` > 1 trains that many cells at once in spawned processes, the torch threads shared
+    out among them (``trainer`` must then be picklable). Small models use several threads
+    poorly, so two one-thread cells finish sooner than two two-thread cells in turn.
     """
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
@@ -249,31 +302,28 @@ def run_grid(
     _check_setup(records, grid, cells, out)
     done = {r["cell"] for r in records}
     outcome = GridRun(records=records)
+    outcome.skipped = [cell.key for cell in cells if cell.key in done]
+    pending = [cell for cell in cells if cell.key not in done]
     bar = tqdm(
-        cells, desc="compare", unit="cell", disable=None if progress is None else not progress
+        total=len(pending),
+        desc="compare",
+        unit="cell",
+        disable=None if progress is None else not progress,
     )
-    for cell in bar:
-        bar.set_postfix_str(cell.key)
-        if cell.key in done:
-            outcome.skipped.append(cell.key)
-            continue
-        run_dir = out / "runs" / cell.key.replace("/", "_")
-        clear_run(run_dir)  # a cell not in the results never finished: it starts over
-        try:
-            new = run_cell(cell, grid, run_dir, trainer)
-        except Exception as error:  # noqa: BLE001 - reported at the end, the grid goes on
-            log.error("cell %s failed: %s", cell.key, error)
-            log.debug("%s", traceback.format_exc())
-            outcome.failed[cell.key] = f"{type(error).__name__}: {error}"
+    for cell, new in _completed(pending, grid, out, trainer, jobs):
+        bar.update()
+        if isinstance(new, BaseException):
+            log.error("cell %s failed: %s", cell.key, new)
+            outcome.failed[cell.key] = f"{type(new).__name__}: {new}"
             continue
         with path.open("a") as f:  # all of a cell's records at once: a cell is done or not
             f.write("".join(json.dumps(r) + "\n" for r in new))
         records.extend(new)
-        done.add(cell.key)
         outcome.ran.append(cell.key)
         score = tasks.headline(new[0]["task"])
         scores = ", ".join(
             f"{r['name']}@{r['sparsity']:g} {score.format(r[score.key])}" for r in new
         )
         log.info("%s: %s %s (%.0fs)", cell.key, score.label, scores, new[0]["wall_s"])
+    bar.close()
     return outcome

@@ -9,9 +9,10 @@ longer last dense phase and a final compressed phase that fine-tunes the sparse 
 
 The run yields a pair: the sparse model at the end, and a dense twin. The twin starts from the
 model at the end of the last dense phase (snapshotted, with the optimizer state, when the final
-compressed phase begins) and is fine-tuned densely over the final phase's steps on a branch
-(:meth:`ACDC.after_training`, called by ``sparsetrain train``; in a loop of your own, do the same
-from ``method.snapshot``). ``sp.export(which="dense")`` returns it.
+compressed phase begins) and is fine-tuned densely over the final phase's steps on a branch, at
+the learning rates the sparse model had in that phase (:meth:`ACDC.after_training`, called by
+``sparsetrain train``; in a loop of your own, :func:`sparsetrain.finetune_dense_twin`).
+``sp.export(which="dense")`` returns it.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class ACDC(Method):
         self.snapshot: dict[str, Any] | None = None
         self.twin: dict[str, torch.Tensor] | None = None
         self.twin_metrics: dict[str, float] = {}
+        self.final_lrs: list[list[float]] = []  # each final-phase step's lr per param group
 
     # ------------------------------------------------------------------ hooks
     def init_masks(self, sp: Sparsifier) -> None:
@@ -133,6 +135,8 @@ class ACDC(Method):
 
     def after_step(self, sp: Sparsifier, t: int) -> None:
         """Switch phase where one begins: ``t`` steps are done, the next step is the new phase's."""
+        if self.snapshot is not None and sp.optimizer is not None:  # step t was a final one
+            self.final_lrs.append([float(g["lr"]) for g in sp.optimizer.param_groups])
         phase = self.phases.starting_at(t)
         if phase is None:
             return
@@ -308,6 +312,7 @@ class ACDC(Method):
             "snapshot": self.snapshot,
             "twin": self.twin,
             "twin_metrics": dict(self.twin_metrics),
+            "final_lrs": [list(lrs) for lrs in self.final_lrs],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -320,6 +325,7 @@ class ACDC(Method):
         self.snapshot = state.get("snapshot")
         self.twin = state.get("twin")
         self.twin_metrics = dict(state.get("twin_metrics") or {})
+        self.final_lrs = [list(lrs) for lrs in state.get("final_lrs") or []]
 
 
 def _restart_state(state: dict[str, Any], param: torch.Tensor, done: bool) -> None:

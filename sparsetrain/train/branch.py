@@ -7,6 +7,7 @@ mid-epoch if need be), so the two models differ only by the masks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +39,8 @@ def train_dense_branch(
     steps_per_epoch = len(data.train)
     total = config.train.epochs * steps_per_epoch
     optimizer = build_optimizer(model.parameters(), config.optimizer)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if optimizer_state is not None:  # a copy: load_state_dict adopts the given tensors
+        optimizer.load_state_dict(copy.deepcopy(optimizer_state))
     # last_epoch=step-1: construction steps once, so the first branch step uses the lr of `step`.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(config.lr_schedule, steps_per_epoch, total), last_epoch=step - 1
