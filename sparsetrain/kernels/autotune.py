@@ -22,6 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.export.timing import compare
+from sparsetrain.kernels.extension import ConvKernels
+from sparsetrain.kernels.sparse_conv import (
+    ConvGeometry,
+    ConvStructure,
+    Workspace,
+    memory_format,
+    sparse_conv_backward,
+    sparse_conv_forward,
+)
 from sparsetrain.kernels.sparse_linear import (
     GradBuffer,
     LinearStructure,
@@ -30,7 +39,7 @@ from sparsetrain.kernels.sparse_linear import (
     sparse_linear_forward,
 )
 
-__all__ = ["Autotuner", "TuneKey", "default_tuner", "density_bucket"]
+__all__ = ["Autotuner", "ConvTuneKey", "TuneKey", "default_tuner", "density_bucket"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,22 @@ class TuneKey:
     batch: int  # rows of the flattened input
     backward: bool  # timed forward + backward (training) or forward only
     grad_input: bool  # the backward includes grad_x (False for a first layer)
+    threads: int
+
+
+@dataclass(frozen=True)
+class ConvTuneKey:
+    """What a timing answer for a convolution is valid for."""
+
+    weight_shape: tuple[int, ...]
+    geometry: ConvGeometry
+    input_shape: tuple[int, ...]  # the input as the layer runs it (4-D; a Conv1d has height 1)
+    channels_last: bool
+    bias: bool
+    dtype: torch.dtype
+    density: float  # bucket, see density_bucket
+    backward: bool
+    grad_input: bool
     threads: int
 
 
@@ -127,6 +152,37 @@ class Autotuner:
         )
         return self.decide(key, lambda: self._calls(key, weight, bias, structure), what)
 
+    def use_sparse_conv(
+        self,
+        kernels: ConvKernels,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        structure: ConvStructure,
+        geometry: ConvGeometry,
+        x: torch.Tensor,
+        backward: bool,
+        grad_input: bool = True,
+    ) -> bool:
+        """True when the sparse convolution is faster for this case (timed now if never seen)."""
+        x4 = x.unsqueeze(2) if x.dim() == 3 else x
+        key = ConvTuneKey(
+            tuple(weight.shape),
+            geometry,
+            tuple(x4.shape),
+            memory_format(x4) == torch.channels_last,
+            bias is not None,
+            weight.dtype,
+            density_bucket(structure.density),
+            backward,
+            grad_input and backward,
+            torch.get_num_threads(),
+        )
+        what = (
+            f"conv {'x'.join(map(str, weight.shape))} on {'x'.join(map(str, key.input_shape))} "
+            f"at density {structure.density:.3f}, {'forward+backward' if backward else 'forward'}"
+        )
+        return self.decide(key, lambda: _conv_calls(key, kernels, weight, bias, structure), what)
+
     def decide(
         self,
         key: Hashable,
@@ -177,6 +233,54 @@ class Autotuner:
                 sparse_grad_weight(gy, x, structure, buffer)
 
         return dense, sparse
+
+
+def _conv_calls(
+    key: ConvTuneKey,
+    kernels: ConvKernels,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    structure: ConvStructure,
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """oneDNN's convolution and its backward, and the sparse kernels, on random inputs."""
+    g = key.geometry
+    w = weight.detach().reshape(structure.shape[0], -1, *structure.kernel)
+    b = None if bias is None else bias.detach()
+    x = torch.randn(key.input_shape, dtype=w.dtype, device=w.device)
+    if key.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    (pt, pb, pl, pr) = g.padding
+    symmetric = (pt, pl) == (pb, pr)
+    xd = x if symmetric else F.pad(x, (pl, pr, pt, pb))
+    padding = [pt, pl] if symmetric else [0, 0]
+    out = g.output_size(*key.input_shape[2:], structure.kernel)
+    gy = torch.randn(key.input_shape[0], structure.shape[0], *out, dtype=w.dtype, device=w.device)
+    mask = [key.grad_input, True, b is not None]
+    bias_sizes = None if b is None else list(b.shape)
+    ticks = itertools.count()
+    buffer = GradBuffer(lambda: next(ticks))  # as in training: storage reused every step
+    ws = Workspace()
+
+    def dense() -> None:
+        F.conv2d(xd, w, b, g.stride, padding, g.dilation)
+        if key.backward:
+            torch.ops.aten.convolution_backward(
+                gy, xd, w, bias_sizes, list(g.stride), padding, list(g.dilation), False, [0, 0],
+                1, mask,
+            )  # fmt: skip
+
+    def sparse() -> None:
+        values = structure.gather(w)
+        sparse_conv_forward(kernels, x, values, b, structure, g, ws)
+        if key.backward:
+            _, grad_values = sparse_conv_backward(
+                kernels, gy, x, values, structure, g, key.grad_input, True, ws
+            )
+            buffer.fill(grad_values, structure)
+            if b is not None:
+                gy.sum((0, 2, 3))
+
+    return dense, sparse
 
 
 _DEFAULT = Autotuner()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DISABLE_ENV", "ConvKernels", "extension"]
+__all__ = ["DISABLE_ENV", "ConvKernels", "conv_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ConvKernels:
         return self._fns[name, dtype]
 
 
-def extension() -> ConvKernels | None:
+def conv_kernels() -> ConvKernels | None:
     """The kernels, built on the first call of the process; None when disabled or unbuildable."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None

@@ -1,17 +1,19 @@
 """Attach an execution mode to a :class:`~sparsetrain.masks.Sparsifier`: dense, sparse or auto.
 
-In ``sparse`` and ``auto`` mode each sparse ``nn.Linear`` of the model has its class switched to
-:class:`KernelLinear`, a subclass whose forward runs :func:`sparse_linear` (``auto``: where
+In ``sparse`` and ``auto`` mode each sparse ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``
+(groups 1) of the model has its class switched to a kernel subclass
+(:mod:`sparsetrain.kernels.layers`) whose training forward runs the sparse kernels: CSR products
+for Linear layers, the compiled direct sparse convolution for convolutions (``auto``: where
 timing says it is faster). The module keeps its parameters, their identity and its state_dict
-keys; optimizers, checkpoints and methods see no difference. Copies are plain: ``deepcopy``,
-pickling and therefore ``sp.export()`` produce ordinary ``nn.Linear`` layers, since the kernels
-belong to the live sparsifier, not to the weights.
+keys; optimizers, checkpoints and methods see no difference, and copies are plain modules.
+Without the compiled extension (no compiler, or ``SPARSETRAIN_NO_EXTENSION=1``) convolutions
+stay the masked dense layers.
 
 Kernels run only in training mode: in eval mode (evaluation, FLOP counting, export checks) the
-layer is the plain masked dense Linear, whose numbers every report relies on. For fast
+layer is the plain masked dense module, whose numbers every report relies on. For fast
 inference export with ``format="sparse-cpu"``.
 
-A layer's CSR structure is rebuilt lazily, at its first forward after the sparsifier reports
+A layer's sparse structure is rebuilt lazily, at its first forward after the sparsifier reports
 that its mask was replaced (through ``sp.mask_listeners``; about 20 ms for a 4096x4096 mask at
 98% sparsity, 70 ms at 90%, 1 thread); values are gathered from the dense weight at every call.
 A method that reads gradients outside the mask (``sp.dense_grad``) answers
@@ -27,36 +29,33 @@ next optimizer step.
 from __future__ import annotations
 
 import contextlib
-import copyreg
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsetrain.errors import ConfigError
 from sparsetrain.kernels.autotune import Autotuner, default_tuner
+from sparsetrain.kernels.extension import DISABLE_ENV, conv_kernels
 from sparsetrain.kernels.kept_step import KeptStep
-from sparsetrain.kernels.sparse_linear import (
-    CSR_DTYPES,
-    GradBuffer,
-    LinearStructure,
-    sparse_linear,
-)
+from sparsetrain.kernels.layers import KERNEL_CLASSES, PLAIN, ConvRoute, LinearRoute
+from sparsetrain.kernels.sparse_conv import Workspace
 
 if TYPE_CHECKING:
     from sparsetrain.masks import Sparsifier
 
-__all__ = ["KERNEL_MODES", "KernelLinear", "KernelMode", "KernelStats", "use_kernels"]
+__all__ = ["KERNEL_MODES", "KernelMode", "KernelStats", "use_kernels"]
 
 log = logging.getLogger(__name__)
 
 KERNEL_MODES = ("dense", "sparse", "auto")
-CONV_REASON = "convolutions stay dense: im2col + CSR measured far slower than oneDNN on CPU"
+NO_EXTENSION = (
+    f"the compiled sparse convolution is not available (build failed, or {DISABLE_ENV}=1)"
+)
+GROUPS_REASON = "grouped convolutions (groups > 1) have no sparse kernel"
 
 
 @dataclass
@@ -67,82 +66,13 @@ class KernelStats:
     rebuild_s: float = 0.0  # seconds spent building them
 
 
-class KernelLinear(nn.Linear):
-    """An ``nn.Linear`` whose training forward goes through its sparsifier's kernels."""
-
-    _kernel: _KernelLayer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return F.linear(x, self.weight, self.bias)
-        return self._kernel(self, x)
-
-    def __reduce_ex__(self, protocol: Any) -> tuple:
-        """Copy and pickle as a plain ``nn.Linear`` (the kernels stay with the live model)."""
-        state = self.__dict__.copy()
-        state.pop("_kernel", None)
-        return copyreg._reconstructor, (nn.Linear, object, None), state
-
-
-class _KernelLayer:
-    """One Linear's cached structure and its route to the kernels."""
-
-    def __init__(self, mode: KernelMode, name: str) -> None:
-        self.mode = mode
-        self.name = name
-        self.structure: LinearStructure | None = None
-        self.dirty = True
-        self.choice = "dense"  # what the last training call ran
-        self.grad_buffer = GradBuffer(lambda: mode.sp.step)
-
-    def current(self) -> LinearStructure:
-        """The structure of the current mask, rebuilt first if the mask was replaced."""
-        if self.structure is None or self.dirty:
-            start = time.perf_counter()
-            self.structure = LinearStructure.from_mask(self.mode.sp.mask(self.name))
-            self.mode.stats.rebuild_s += time.perf_counter() - start
-            self.mode.stats.rebuilds += 1
-            self.dirty = False
-        return self.structure
-
-    @torch.compiler.disable
-    def __call__(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """The layer's training forward: masked dense or CSR. Eager under ``torch.compile`` (one
-        graph break per layer): CSR kernels and their cached structures are not traceable, and
-        tracing them would guard on each layer's name and recompile for every layer."""
-        weight, bias = module.weight, module.bias
-        sp = self.mode.sp
-        if (
-            sp.density(self.name) >= 1.0
-            or weight.dtype not in CSR_DTYPES
-            or weight.device.type != "cpu"
-            or x.dtype != weight.dtype
-            or torch.is_autocast_enabled("cpu")  # autocast's dtype rules belong to F.linear
-        ):
-            self.choice = "dense"
-            return F.linear(x, weight, bias)
-        structure = self.current()
-        backward = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
-        if self.mode.mode == "auto":
-            batch = x.numel() // max(1, x.shape[-1])
-            if not self.mode.tuner.use_sparse(
-                weight, bias, structure, batch, backward, grad_input=x.requires_grad
-            ):
-                self.choice = "dense"
-                return F.linear(x, weight, bias)
-        self.choice = "sparse"
-        dense_grad = backward and self.mode.wants_dense_grad()
-        return sparse_linear(x, weight, bias, structure, dense_grad, self.grad_buffer)
-
-
 class KernelMode:
-    """The ``sparse`` or ``auto`` execution mode of one sparsifier's Linear layers.
+    """The ``sparse`` or ``auto`` execution mode of one sparsifier's Linear and convolution
+    layers.
 
-    ``layers`` maps each sparse Linear weight's name to its route; weights of other modules
-    (convolutions, custom layers) are listed in ``dense_reasons``. Use :func:`use_kernels` to
-    create, switch or remove it.
+    ``layers`` maps each sparse weight's name to its route; weights of other modules (grouped
+    or transposed convolutions, custom layers, convolutions without the extension) are listed
+    in ``dense_reasons``. Use :func:`use_kernels` to create, switch or remove it.
     """
 
     def __init__(self, sp: Sparsifier, mode: str, tuner: Autotuner | None = None) -> None:
@@ -150,31 +80,45 @@ class KernelMode:
         self.mode = mode
         self.tuner = tuner or default_tuner()
         self.stats = KernelStats()
-        self.layers: dict[str, _KernelLayer] = {}
+        self.layers: dict[str, LinearRoute | ConvRoute] = {}
         self.dense_reasons: dict[str, str] = {}
-        self._modules: dict[str, nn.Linear] = {}
+        self.workspace = Workspace()  # packed activations, shared by every convolution
+        self._modules: dict[str, nn.Module] = {}
         self._forced_dense_grad = 0
         self.kept_step = KeptStep(sp, mode, self.tuner, self.compact_grad)
         for name in sp.params:
             module_name, _, attr = name.rpartition(".")
             module = sp.model.get_submodule(module_name)
-            if type(module) is nn.Linear and attr == "weight":
-                self.layers[name] = _KernelLayer(self, name)
+            route = self._route(name, module) if attr == "weight" else None
+            if route is not None:
+                self.layers[name] = route
                 self._modules[name] = module
-            elif isinstance(module, nn.modules.conv._ConvNd):
-                self.dense_reasons[name] = CONV_REASON
-            else:
-                self.dense_reasons[name] = f"no sparse kernel for {type(module).__name__}"
         for name, module in self._modules.items():
-            module.__class__ = KernelLinear
+            module.__class__ = KERNEL_CLASSES[type(module)]
             module._kernel = self.layers[name]
         sp.mask_listeners.append(self._mask_changed)
         log.info(
-            "%s kernels on %d Linear layer(s); dense: %s",
+            "%s kernels on %d layer(s); dense: %s",
             mode,
             len(self.layers),
-            ", ".join(self.dense_reasons) or "none",
+            "; ".join(f"{n} ({r})" for n, r in self.dense_reasons.items()) or "none",
         )
+
+    def _route(self, name: str, module: nn.Module) -> LinearRoute | ConvRoute | None:
+        """The route of a sparse weight's module, or None with the reason in dense_reasons."""
+        kind = type(module)
+        if kind is nn.Linear:
+            return LinearRoute(self, name)
+        if kind in (nn.Conv1d, nn.Conv2d) and module.groups != 1:
+            self.dense_reasons[name] = GROUPS_REASON
+        elif kind in (nn.Conv1d, nn.Conv2d):
+            kernels = conv_kernels()
+            if kernels is not None:
+                return ConvRoute(self, name, kernels)
+            self.dense_reasons[name] = NO_EXTENSION
+        else:
+            self.dense_reasons[name] = f"no sparse kernel for {kind.__name__}"
+        return None
 
     def _mask_changed(self, name: str) -> None:
         layer = self.layers.get(name)
@@ -256,10 +200,10 @@ class KernelMode:
         return out
 
     def detach(self) -> None:
-        """Give every layer back its plain ``nn.Linear`` class and stop listening to masks."""
+        """Give every layer back its plain class and stop listening to masks."""
         for module in self._modules.values():
             del module._kernel
-            module.__class__ = nn.Linear
+            module.__class__ = PLAIN[type(module)]
         self._modules.clear()
         self.layers.clear()
         if self._mask_changed in self.sp.mask_listeners:
@@ -267,10 +211,11 @@ class KernelMode:
 
 
 def use_kernels(sp: Sparsifier, mode: str, tuner: Autotuner | None = None) -> KernelMode | None:
-    """Run ``sp``'s sparse Linear layers in ``mode`` from now on; returns the mode (also
-    ``sp.kernels``), None for ``dense``.
+    """Run ``sp``'s sparse Linear and convolution layers in ``mode`` from now on; returns the
+    mode (also ``sp.kernels``), None for ``dense``.
 
-    ``sparse``: every Linear whose mask is not full runs on CSR kernels (float32/float64, CPU).
+    ``sparse``: every Linear whose mask is not full runs on CSR kernels, every Conv1d/Conv2d on
+    the compiled sparse convolution (float32/float64, CPU).
     ``auto``: each layer runs sparse only where ``tuner`` (default: the process-wide one) measured
     its sparse version faster, per shape, density bucket and batch size. ``dense``: the masked
     dense layers. Gradients are the masked dense gradients in every mode.

@@ -35,6 +35,7 @@ __all__ = [
     "ConvGeometry",
     "ConvStructure",
     "Workspace",
+    "memory_format",
     "sparse_conv",
     "sparse_conv_backward",
     "sparse_conv_forward",
@@ -156,8 +157,13 @@ class ConvStructure:
         return offs
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout convolutions keep for ``x``'s outputs and gradients."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -199,7 +205,7 @@ def _pack(
     """``x`` (N, C, H, W), any strides, packed into ``buffer`` (tiles, C, hb, wb, T): pixel
     (top + y, left + x) is ``x[:, :, y, x]``, zeros around it and for missing images."""
     n, c, h, w = x.shape
-    nb, t = buffer.shape[0], buffer.shape[-1]
+    nb = buffer.shape[0]
     k.fn("pack", x.dtype)(
         x.data_ptr(), buffer.data_ptr(), n, c, h, w, *x.stride(), nb, hb, wb, top, left,
         _threads(),
@@ -220,13 +226,13 @@ def _unpack(
     w: int,
     top: int,
     left: int,
-    memory_format: torch.memory_format,
+    layout: torch.memory_format,
 ) -> torch.Tensor:
     """The (n, C, h, w) window at (top, left) of a packed buffer, as a new tensor in
-    ``memory_format``."""
+    ``layout``."""
     nb, c, hs, ws, _ = packed.shape
     out = torch.empty(n, c, h, w, dtype=packed.dtype, device=packed.device)
-    out = out.contiguous(memory_format=memory_format)
+    out = out.contiguous(memory_format=layout)
     k.fn("unpack", packed.dtype)(
         packed.data_ptr(), out.data_ptr(), n, c, h, w, *out.stride(), nb, hs, ws, top, left,
         _threads(),
@@ -257,7 +263,7 @@ def sparse_conv_forward(
         s.offsets("input", hb, wb, t, dh, dw).data_ptr(), values.data_ptr(), _ptr(bias),
         nb, s.shape[0], oh, ow, sh, sw, wb * t, ci * hb * wb * t, _threads(),
     )  # fmt: skip
-    return _unpack(k, yb, n, oh, ow, 0, 0, _memory_format(x))
+    return _unpack(k, yb, n, oh, ow, 0, 0, memory_format(x))
 
 
 def sparse_conv_backward(
@@ -296,7 +302,7 @@ def sparse_conv_backward(
             gyb.data_ptr(), dxb.data_ptr(), s.rowptr_t.data_ptr(), offs.data_ptr(),
             values_t.data_ptr(), None, nb, ci, h, w, 1, 1, wq * t, co * hq * wq * t, threads,
         )  # fmt: skip
-        grad_x = _unpack(k, dxb, n, h, w, 0, 0, _memory_format(x))
+        grad_x = _unpack(k, dxb, n, h, w, 0, 0, memory_format(x))
     elif need_input:
         dxb = ws.take("grad_x", (nb, ci, hb, wb, t), dtype).zero_()
         k.fn("scatter", dtype)(
@@ -305,7 +311,7 @@ def sparse_conv_backward(
             s.offsets("scatter_dx", hb, wb, t, dh, dw).data_ptr(), values_t.data_ptr(), nb, ci,
             oh, ow, sh, sw, co * oh * ow * t, wb * t, hb * wb * t, threads,
         )  # fmt: skip
-        grad_x = _unpack(k, dxb, n, h, w, pt, pl, _memory_format(x))
+        grad_x = _unpack(k, dxb, n, h, w, pt, pl, memory_format(x))
     grad_values = None
     if need_weight:
         xb = _pack(k, x, hb, wb, pt, pl, ws.take("x", _packed_shape(k, x, hb, wb), dtype))
