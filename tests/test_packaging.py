@@ -1,5 +1,6 @@
 """The configs are package data: one copy (configs/ is a link to it), inside a built wheel, and
-named by the command line as well as given by path."""
+named by the command line as well as given by path. So is the sparse convolution's C++ source,
+which the installed package compiles on first use."""
 
 import os
 import shutil
@@ -44,10 +45,12 @@ INSTALLED_CHECK = """
 import sys
 from pathlib import Path
 import sparsetrain
+from sparsetrain.kernels.extension import SOURCE
 from sparsetrain.compare import load_grid
 from sparsetrain.configs import CONFIG_DIR, find_config, list_configs
 from sparsetrain.train.config import load_config
 assert Path(sparsetrain.__file__).is_relative_to(sys.argv[1]), sparsetrain.__file__
+assert SOURCE.is_file() and SOURCE.is_relative_to(sys.argv[1]), SOURCE
 for name in list_configs():
     path = find_config(name)
     assert path.parent == CONFIG_DIR
@@ -56,7 +59,7 @@ print(" ".join(list_configs()))
 """
 
 
-def test_an_installed_wheel_holds_every_config_and_loads_them_by_name(tmp_path):
+def test_an_installed_wheel_holds_every_config_and_the_kernel_source(tmp_path):
     """Build the wheel from a copy of the sources (offline, no build isolation), install it into
     a directory of its own and load every shipped config from there by name."""
     pytest.importorskip("setuptools", reason="the build backend (setuptools) is not installed")
@@ -73,7 +76,9 @@ def test_an_installed_wheel_holds_every_config_and_loads_them_by_name(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("sparsetrain-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         shipped = {n for n in archive.namelist() if n.startswith("sparsetrain/configs/")}
+        names = set(archive.namelist())
     assert shipped >= {f"sparsetrain/configs/{p.name}" for p in CONFIG_DIR.glob("*.yaml")}
+    assert "sparsetrain/kernels/csrc/sparse_conv.cpp" in names
 
     site = tmp_path / "site"
     install = [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)]
