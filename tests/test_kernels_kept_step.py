@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import TinyCNN
 
 import sparsetrain as st
-from sparsetrain.kernels import Autotuner, StepKey, TuneKey, use_kernels
+from sparsetrain.kernels import Autotuner, ConvTuneKey, StepKey, TuneKey, use_kernels
 
 OPTIMIZERS = {
     "sgd_momentum_wd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
@@ -33,7 +33,7 @@ def _step_only_tuner(step_speedup: float = 10.0) -> Autotuner:
     def timer(key, dense, sparse):
         dense()
         sparse()
-        assert isinstance(key, StepKey | TuneKey)
+        assert isinstance(key, StepKey | TuneKey | ConvTuneKey)
         return step_speedup if isinstance(key, StepKey) else 0.5
 
     return Autotuner(timer)
@@ -234,7 +234,8 @@ def test_a_closure_step_takes_the_dense_optimizer():
 
 
 def test_sparse_kernels_take_the_kept_step_and_train_like_dense():
-    """``kernels="sparse"``: Linear products on CSR and the kept-weights step together."""
+    """``kernels="sparse"``: sparse products (CSR, convolutions) and the kept-weights step
+    together."""
     results = []
     for kernels in ("dense", "sparse"):
         torch.manual_seed(0)
@@ -248,12 +249,18 @@ def test_sparse_kernels_take_the_kept_step_and_train_like_dense():
         results.append((model, opt, sp))
     (dense, dense_opt, _), (sparse, opt, sp) = results
     assert sp.kernels.kept_step.steps == 4 * 4
-    for a, b in zip(dense.parameters(), sparse.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    for p, q in zip(dense.parameters(), sparse.parameters(), strict=True):
+    # A convolution bias followed by BatchNorm has a true gradient of zero: what it gets is
+    # float32 rounding noise, amplified by BatchNorm on a near-constant channel (a channel that
+    # kept one weight or none), which differs between the sparse and dense summation orders.
+    # In float64 the two runs agree to 1e-16.
+    noise = {"conv1.bias": 1e-3, "conv2.bias": 1e-3}
+    for (name, a), b in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        atol = noise.get(name, 1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=atol, msg=name)
         torch.testing.assert_close(
-            opt.state[q]["momentum_buffer"],
-            dense_opt.state[p]["momentum_buffer"],
+            opt.state[b]["momentum_buffer"],
+            dense_opt.state[a]["momentum_buffer"],
             rtol=1e-4,
-            atol=1e-6,
+            atol=atol,
+            msg=name,
         )
