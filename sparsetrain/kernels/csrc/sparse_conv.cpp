@@ -44,8 +44,11 @@ inline int thread_id() {
 #endif
 }
 
-// dst[b][c][y][x][t] = src[b*T + t][c][y - top][x - left], zero outside src. Each image is read
-// in order; the writes stay within one (tile, channel) block, which fits in cache.
+constexpr int kBlock = 16;  // pixels per transposed block in pack and unpack
+
+// dst[b][c][y][x][t] = src[b*T + t][c][y - top][x - left], zero outside src. Blocks of kBlock
+// pixels are transposed through a small local array: reads run along image rows, writes along
+// the packed buffer, and only the local array is accessed with a stride.
 template <typename S>
 void pack(const S* src, S* dst, int64_t n, int64_t c, int64_t h, int64_t w, int64_t sn,
           int64_t sc, int64_t sh, int64_t sw, int64_t nb, int64_t hb, int64_t wb, int64_t top,
@@ -56,20 +59,25 @@ void pack(const S* src, S* dst, int64_t n, int64_t c, int64_t h, int64_t w, int6
     for (int64_t ch = 0; ch < c; ++ch) {
       S* d = dst + (b * c + ch) * hb * wb * T;
       const int64_t images = n - b * T < T ? n - b * T : T;
-      if (top > 0 || left > 0 || hb > h + top || wb > w + left || images < T)
+      if (top > 0 || left > 0 || hb > h + top || wb > w + left)
         std::memset(d, 0, sizeof(S) * hb * wb * T);
-      for (int64_t t = 0; t < images; ++t) {
-        const S* s = src + (b * T + t) * sn + ch * sc;
-        for (int64_t y = 0; y < h; ++y) {
-          S* row = d + ((y + top) * wb + left) * T + t;
-          const S* from = s + y * sh;
-          for (int64_t x = 0; x < w; ++x) row[x * T] = from[x * sw];
+      S block[kBlock][T] = {};  // images beyond n stay zero
+      for (int64_t y = 0; y < h; ++y) {
+        S* row = d + ((y + top) * wb + left) * T;
+        for (int64_t x0 = 0; x0 < w; x0 += kBlock) {
+          const int64_t count = w - x0 < kBlock ? w - x0 : kBlock;
+          for (int64_t t = 0; t < images; ++t) {
+            const S* from = src + (b * T + t) * sn + ch * sc + y * sh + x0 * sw;
+            for (int64_t p = 0; p < count; ++p) block[p][t] = from[p * sw];
+          }
+          std::memcpy(row + x0 * T, block, sizeof(S) * count * T);
         }
       }
     }
 }
 
-// dst[b*T + t][c][y][x] = src[b][c][y + top][x + left][t] for the images that exist.
+// dst[b*T + t][c][y][x] = src[b][c][y + top][x + left][t] for the images that exist, by blocks
+// of kBlock pixels as in pack.
 template <typename S>
 void unpack(const S* src, S* dst, int64_t n, int64_t c, int64_t h, int64_t w, int64_t dn,
             int64_t dc, int64_t dh, int64_t dw, int64_t nb, int64_t hs, int64_t ws, int64_t top,
@@ -79,13 +87,16 @@ void unpack(const S* src, S* dst, int64_t n, int64_t c, int64_t h, int64_t w, in
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t ch = 0; ch < c; ++ch) {
       const int64_t images = n - b * T < T ? n - b * T : T;
-      const S* block = src + (b * c + ch) * hs * ws * T;
-      for (int64_t t = 0; t < images; ++t) {
-        S* d = dst + (b * T + t) * dn + ch * dc;
-        for (int64_t y = 0; y < h; ++y) {
-          const S* from = block + ((y + top) * ws + left) * T + t;
-          S* row = d + y * dh;
-          for (int64_t x = 0; x < w; ++x) row[x * dw] = from[x * T];
+      const S* plane = src + (b * c + ch) * hs * ws * T;
+      for (int64_t y = 0; y < h; ++y) {
+        const S* row = plane + ((y + top) * ws + left) * T;
+        for (int64_t x0 = 0; x0 < w; x0 += kBlock) {
+          const int64_t count = w - x0 < kBlock ? w - x0 : kBlock;
+          const S* block = row + x0 * T;
+          for (int64_t t = 0; t < images; ++t) {
+            S* to = dst + (b * T + t) * dn + ch * dc + y * dh + x0 * dw;
+            for (int64_t p = 0; p < count; ++p) to[p * dw] = block[p * T + t];
+          }
         }
       }
     }
