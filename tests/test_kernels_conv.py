@@ -394,3 +394,29 @@ def test_auto_times_each_convolution_once_and_keeps_the_faster():
     assert not calls[0].grad_input and calls[1].grad_input  # the first layer's input needs none
     model(torch.randn(5, 3, 9, 9)).sum().backward()  # another batch size is another case
     assert len(calls) == 4
+
+
+def test_a_compiled_conv_net_trains_like_the_eager_one_without_recompiling_per_layer():
+    import torch._dynamo as dynamo
+
+    results = []
+    for compiled in (False, True):
+        dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            *[m for _ in range(6) for m in (nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        sp = st.sparsify(model, opt, method="static", sparsity=0.8, kernels="sparse")
+        run = torch.compile(model) if compiled else model
+        g = torch.Generator().manual_seed(2)
+        with dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+            for _ in range(4):
+                opt.zero_grad()
+                run(torch.randn(3, 4, 8, 8, generator=g)).square().mean().backward()
+                opt.step()
+        if conv_kernels() is not None:
+            assert set(sp.kernels.choices().values()) == {"sparse"}
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
