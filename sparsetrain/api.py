@@ -104,9 +104,10 @@ def sparsify(
         layer_sparsity: ``{name glob: sparsity}``: exact sparsities for chosen layers; the
             others follow the distribution at ``sparsity`` among themselves.
         kernels: ``dense`` (masked dense layers), ``sparse`` (Linear layers train on CSR
-            kernels, faster from ~80-90% sparsity on large layers) or ``auto`` (each layer on
-            whichever it measures faster); the training mathematics is the same in all three
-            (see :mod:`sparsetrain.kernels`).
+            kernels, faster from ~80-90% sparsity on large layers; Conv1d/Conv2d layers on a
+            direct sparse convolution compiled on first use, masked dense without a compiler)
+            or ``auto`` (each layer on whichever it measures faster); the training mathematics
+            is the same in all three (see :mod:`sparsetrain.kernels`).
         **options: method-specific options; unknown names, and values that do not fit the type
             the method declares for them, are errors.
 

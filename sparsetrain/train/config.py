@@ -110,7 +110,7 @@ class SparsityConfig:
     min_density: float = 0.01  # no layer keeps fewer than this fraction of its weights
     layer_sparsity: dict[str, float] = field(default_factory=dict)  # {name glob: sparsity}
     seed: int | None = None  # mask seed; None: train.seed
-    kernels: str = "dense"  # dense, sparse or auto: Linear layers on CSR kernels
+    kernels: str = "dense"  # dense, sparse or auto: Linear and conv layers on sparse kernels
     options: dict[str, Any] = field(default_factory=dict)  # method options (sparsetrain methods)
 
 
