@@ -17,6 +17,7 @@ from sparsetrain.kernels import (
     KernelLinear,
     LinearStructure,
     StepKey,
+    conv_kernels,
     density_bucket,
     sparse_linear,
     use_kernels,
@@ -363,13 +364,16 @@ def test_config_accepts_kernels_and_rejects_typos():
 
 @pytest.mark.parametrize("name", st.list_methods())
 def test_every_method_trains_identically_on_sparse_kernels(name):
-    """Registry-driven: the same masks and weights with kernels="sparse" as with dense layers,
-    with the optimizer stepping kept weights only (except in kept-values mode, AST)."""
+    """Registry-driven: the same masks and weights with kernels="sparse" as with dense layers
+    (TinyCNN: convolutions and Linear layers on sparse kernels), with the optimizer stepping
+    kept weights only (except in kept-values mode, AST)."""
     from tests.method_cases import CASES, run_case
 
     runs = [run_case(name, kernels=kernels)[::2] for kernels in ("dense", "sparse")]
     (dense, dense_sp), (sparse, sparse_sp) = runs
     assert (sparse_sp.kernels.stats.rebuilds > 0) == (name != "dense")  # CSR really ran
+    if name != "dense" and conv_kernels() is not None:  # and so did the sparse convolution
+        assert "conv2.weight" in sparse_sp.kernels.layers
     kept_step = name != "dense" and not CASES[name].get("kept_values")
     assert (sparse_sp.kernels.kept_step.steps > 0) == kept_step
     for pname, mask in dense_sp.masks.items():

@@ -59,8 +59,13 @@ void pack(const S* src, S* dst, int64_t n, int64_t c, int64_t h, int64_t w, int6
     for (int64_t ch = 0; ch < c; ++ch) {
       S* d = dst + (b * c + ch) * hb * wb * T;
       const int64_t images = n - b * T < T ? n - b * T : T;
-      if (top > 0 || left > 0 || hb > h + top || wb > w + left)
-        std::memset(d, 0, sizeof(S) * hb * wb * T);
+      // Zero padding: whole rows above and below the image, columns left and right of it.
+      std::memset(d, 0, sizeof(S) * top * wb * T);
+      std::memset(d + (top + h) * wb * T, 0, sizeof(S) * (hb - top - h) * wb * T);
+      for (int64_t y = top; y < top + h; ++y) {
+        std::memset(d + y * wb * T, 0, sizeof(S) * left * T);
+        std::memset(d + (y * wb + left + w) * T, 0, sizeof(S) * (wb - left - w) * T);
+      }
       S block[kBlock][T] = {};  // images beyond n stay zero
       for (int64_t y = 0; y < h; ++y) {
         S* row = d + ((y + top) * wb + left) * T;
