@@ -241,29 +241,37 @@ def figure(paths: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     results = [json.loads(p.read_text()) for p in paths]
-    fig, axes = plt.subplots(1, len(results), figsize=(6.4 * len(results), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.6 * len(results), 5.4), squeeze=False)
+    ticks = [0.25, 0.5, 1, 2, 4, 8, 16, 32]
     for ax, result in zip(axes[0], results, strict=True):
         labels = list(dict.fromkeys(r["layer"] for r in result["layers"]))
+        top = 1.0
         for i, label in enumerate(labels):
-            pts = sorted(
-                (r for r in result["layers"] if r["layer"] == label), key=lambda r: r["sparsity"]
-            )
+            pts = [r for r in result["layers"] if r["layer"] == label]
+            pts.sort(key=lambda r: r["sparsity"])
             xs = [100 * r["sparsity"] for r in pts]
-            ax.plot(xs, [r["speedup"] for r in pts], "o-" if i < 4 else "s--", ms=4, label=label)
+            ys = [r["speedup"] for r in pts]
+            ax.plot(xs, ys, "o-" if i < 4 else "s--", ms=4, label=label)
+            top = max(top, *ys)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.axhspan(0.85, 1.15, color="gray", alpha=0.15, lw=0)
         ax.set_yscale("log", base=2)
+        ax.set_yticks(
+            [t for t in ticks if t <= 2 * top], [f"{t:g}x" for t in ticks if t <= 2 * top]
+        )
+        ax.set_ylim(0.25, 2 * top)
         ax.set_xticks([100 * s for s in LAYER_SPARSITIES])
         ax.set_xlabel("sparsity (%)")
         ax.set_title(f"{result['threads']} thread{'s' * (result['threads'] > 1)}")
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("forward+backward speed-up over oneDNN (log scale)")
-    axes[0][0].legend(fontsize=7.5, loc="upper left")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(
-        "Sparse convolution kernels vs dense, per layer (CPU, median of paired rounds;"
+        "Sparse convolution kernels vs dense, per layer\n(CPU, median of paired rounds;"
         " gray band: ties)"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
