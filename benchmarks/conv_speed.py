@@ -242,24 +242,24 @@ def figure(paths: list[Path], out: Path) -> None:
 
     results = [json.loads(p.read_text()) for p in paths]
     fig, axes = plt.subplots(1, len(results), figsize=(5.6 * len(results), 5.4), squeeze=False)
-    ticks = [0.25, 0.5, 1, 2, 4, 8, 16, 32]
+    ticks = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32]
     for ax, result in zip(axes[0], results, strict=True):
         labels = list(dict.fromkeys(r["layer"] for r in result["layers"]))
-        top = 1.0
+        top, bottom = 1.0, 1.0
         for i, label in enumerate(labels):
             pts = [r for r in result["layers"] if r["layer"] == label]
             pts.sort(key=lambda r: r["sparsity"])
             xs = [100 * r["sparsity"] for r in pts]
             ys = [r["speedup"] for r in pts]
             ax.plot(xs, ys, "o-" if i < 4 else "s--", ms=4, label=label)
-            top = max(top, *ys)
+            top, bottom = max(top, *ys), min(bottom, *ys)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.axhspan(0.85, 1.15, color="gray", alpha=0.15, lw=0)
         ax.set_yscale("log", base=2)
-        ax.set_yticks(
-            [t for t in ticks if t <= 2 * top], [f"{t:g}x" for t in ticks if t <= 2 * top]
-        )
-        ax.set_ylim(0.25, 2 * top)
+        low = min(0.5, 0.8 * bottom)
+        shown = [t for t in ticks if low <= t <= 2 * top]
+        ax.set_yticks(shown, [f"{t:g}x" for t in shown])
+        ax.set_ylim(low, 2 * top)
         ax.set_xticks([100 * s for s in LAYER_SPARSITIES])
         ax.set_xlabel("sparsity (%)")
         ax.set_title(f"{result['threads']} thread{'s' * (result['threads'] > 1)}")
