@@ -118,8 +118,9 @@ def test_conv2d_equals_the_masked_dense_convolution(options, batch, channels_las
         dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
         dict(in_channels=4, out_channels=6, kernel_size=5, stride=2, bias=False),
         dict(in_channels=3, out_channels=4, kernel_size=4, padding="same", dilation=3),
+        dict(in_channels=3, out_channels=4, kernel_size=3, padding=2, padding_mode="circular"),
     ],
-    ids=["pad1", "stride2", "same-dilated"],
+    ids=["pad1", "stride2", "same-dilated", "circular"],
 )
 def test_conv1d_equals_the_masked_dense_convolution(options):
     if conv_kernels() is None:
