@@ -129,8 +129,8 @@ class ConvStructure:
         input plane, by output channel. ``grad`` (dims: the padded output gradient's height and
         width, tile, dilation, padding top and left, gradient padding top and left): where each
         nonzero reads the output gradient, by input channel. ``scatter_dy`` (dims: output height
-        and width, tile) and ``scatter_dx`` (padded height, width, tile, dilation): the two ends
-        of the scatter, by input channel.
+        and width, tile) and ``scatter_dx`` (padded width, tile, dilation): the two ends of the
+        scatter, by input channel.
         """
         key = (kind, *dims)
         cached = self._offsets.get(key)
@@ -148,7 +148,7 @@ class ConvStructure:
             oh, ow, t = dims
             offs = (self.out_channel * (oh * ow * t)).index_select(0, self.perm_t)
         elif kind == "scatter_dx":
-            _, wb, t, dh, dw = dims
+            wb, t, dh, dw = dims
             offs = ((self.ky * dh) * wb + self.kx * dw) * t
             offs = offs.index_select(0, self.perm_t)
         else:
@@ -309,7 +309,7 @@ def sparse_conv_backward(
         k.fn("scatter", dtype)(
             gyb.data_ptr(), dxb.data_ptr(), s.rowptr_t.data_ptr(),
             s.offsets("scatter_dy", oh, ow, t).data_ptr(),
-            s.offsets("scatter_dx", hb, wb, t, dh, dw).data_ptr(), values_t.data_ptr(), nb, ci,
+            s.offsets("scatter_dx", wb, t, dh, dw).data_ptr(), values_t.data_ptr(), nb, ci,
             oh, ow, sh, sw, co * oh * ow * t, wb * t, hb * wb * t, threads,
         )  # fmt: skip
         grad_x = _unpack(k, dxb, n, h, w, pt, pl, memory_format(x))
