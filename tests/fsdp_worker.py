@@ -156,7 +156,12 @@ def run(name: str) -> dict:
     )
     weights = {n: sharding.full(p.detach()) for n, p in model.named_parameters()}
     ref_weights = dict(ref_model.named_parameters())
+    report, ref_report = sp.report(), ref.report()  # the sharded one: a collective forward
     return {
+        "flops": [report.flops.dense, report.flops.sparse, report.flops.per_module],
+        "ref_flops": [ref_report.flops.dense, ref_report.flops.sparse, ref_report.flops.per_module],
+        "train_flops_per_example": report.training_flops / sp.examples_per_step,
+        "ref_train_flops_per_example": ref_report.training_flops / ref.examples_per_step,
         "differing_steps": differing,
         "digest": collectives.tensor_digest(whole),
         "active": {n: int(m.sum()) for n, m in whole.items()},

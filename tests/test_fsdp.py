@@ -39,6 +39,8 @@ def check(ranks: list[dict], methods: list[str]) -> None:
             # AST keeps the values and optimizer state under its masks (nested sub-networks)
             assert run["state_zero_off_mask"] or name == "ast", name
             assert run["weights_close"], name
+            assert run["flops"] == run["ref_flops"], name  # sp.report() counts the sharded model
+            assert run["train_flops_per_example"] == run["ref_train_flops_per_example"], name
 
 
 def test_two_processes_decide_as_one_unsharded_process(tmp_path):
