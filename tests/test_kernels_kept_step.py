@@ -251,9 +251,12 @@ def test_sparse_kernels_take_the_kept_step_and_train_like_dense():
     for a, b in zip(dense.parameters(), sparse.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     for p, q in zip(dense.parameters(), sparse.parameters(), strict=True):
+        # atol 1e-5: a conv bias before BatchNorm has a gradient of exactly 0 in exact
+        # arithmetic, so its momentum is accumulated rounding noise that depends on the thread
+        # count (up to 7e-6 apart on one thread)
         torch.testing.assert_close(
             opt.state[q]["momentum_buffer"],
             dense_opt.state[p]["momentum_buffer"],
             rtol=1e-4,
-            atol=1e-6,
+            atol=1e-5,
         )
