@@ -84,9 +84,7 @@ class Sparsifier:
         self.batch_size: int | None = None
         self.gradients = GradientMasks(self)
         self.drift = DriftWatch(self)
-        self._capture: Any = model.register_forward_pre_hook(
-            _InputCapture(self), with_kwargs=True
-        )
+        self._capture: Any = model.register_forward_pre_hook(_InputCapture(self), with_kwargs=True)
         self._refresh()
         if optimizer is not None:
             self.attach(optimizer)
@@ -104,7 +102,9 @@ class Sparsifier:
         Placed like their parameters: under FSDP2 a DTensor with the weight's mesh and placements
         (``.full_tensor()`` or :meth:`full_masks` gives the whole mask). No communication.
         """
-        return {name: sharding.placed(m.bool(), self.params[name]) for name, m in self._masks.items()}
+        return {
+            name: sharding.placed(m.bool(), self.params[name]) for name, m in self._masks.items()
+        }
 
     def mask(self, name: str) -> torch.Tensor:
         """The whole bool mask of one parameter (under FSDP an all-gather: call it on every rank)."""
@@ -133,12 +133,16 @@ class Sparsifier:
         active = sum(self._density[n] * p.numel() for n, p in self.params.items())
         return 1.0 - active / total
 
-    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+    def set_mask(self, name: str, mask: torch.Tensor, count: int | None = None) -> None:
         """Replace one mask and make weights and optimizer state agree with it.
 
         Physical mode: weights outside the mask become 0, newly activated weights start at 0, and
         optimizer state is zeroed wherever the mask is off or newly on. Kept-values mode: values
         return from the shadow copy and optimizer state is left alone.
+
+        ``mask`` is whole, or under FSDP a DTensor (redistributed to the weight's placement: no
+        communication when placed like it). ``count``: its nonzeros, when the caller knows them;
+        a DTensor's would otherwise be summed over the ranks (a collective).
         """
         param = self.params[self._check_name(name)]
         if mask.shape != param.shape:
@@ -160,16 +164,19 @@ class Sparsifier:
                 for state in self._state_tensors(param):
                     state.mul_(new_float).masked_fill_(regrown, 0.0)
         self._masks[name] = new_float
-        self._density[name] = sharding.count(mask) / max(1, mask.numel())
+        active = sharding.count(mask) if count is None else int(count)
+        self._density[name] = active / max(1, mask.numel())
         self._refresh()
         self.drift.settle([name])
         for listener in self.mask_listeners:
             listener(name)
 
-    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
-        """:meth:`set_mask` for several parameters."""
+    def set_masks(
+        self, masks: Mapping[str, torch.Tensor], counts: Mapping[str, int] | None = None
+    ) -> None:
+        """:meth:`set_mask` for several parameters (``counts``: their nonzeros, if known)."""
         for name, mask in masks.items():
-            self.set_mask(name, mask)
+            self.set_mask(name, mask, None if counts is None else counts[name])
 
     def keep_masked_values(self, step_all: bool = False) -> None:
         """Switch to kept-values mode: remember the current dense weights under every mask.

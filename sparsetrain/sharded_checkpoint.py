@@ -1,7 +1,8 @@
 """Checkpoints of sharded (FSDP2) sparse training with ``torch.distributed.checkpoint`` (DCP).
 
-Each rank writes its own shards of the model, the optimizer state and the sparsifier's masks (and
-kept values), so no rank ever holds the whole model; DCP records every tensor's global shape, so a
+Each rank writes its own shards of the model, the optimizer state and every tensor of the
+sparsifier's state placed as a DTensor (masks, kept values, AST's stacks of sub-network masks), so
+no rank ever holds the whole model; DCP records every tensor's global shape, so a
 checkpoint saved on N ranks loads on N ranks exactly and on any other number of ranks, or into a
 plain unsharded model in one process (resharding). Model and optimizer go through
 ``torch.distributed.checkpoint.state_dict`` (keys are fully-qualified names, not positions).

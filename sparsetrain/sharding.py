@@ -31,6 +31,7 @@ __all__ = [
     "is_sharded",
     "local",
     "placed",
+    "placed_stack",
     "shard_of",
 ]
 
@@ -89,6 +90,18 @@ def placed(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         shape=like.shape,
         stride=like.stride(),
     )
+
+
+def placed_stack(shards: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``shards``, K of this rank's shards each cut as ``like`` and stacked on a new first dim,
+    shown as a DTensor of the whole ``(K, *like.shape)`` stack (no collective; a copy), or as it is.
+
+    DTensor's own rule for ``torch.stack`` places the stack (``Shard(d)`` of each row becomes
+    ``Shard(d + 1)``), so :func:`full` and :func:`shard_of` work on it as on any placed tensor.
+    """
+    if not isinstance(like, DTensor):
+        return shards
+    return torch.stack([placed(row, like) for row in shards.unbind(0)])
 
 
 def count(mask: torch.Tensor) -> int:

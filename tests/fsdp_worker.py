@@ -9,7 +9,9 @@ loads it into freshly built objects and trains the same steps again.
 Each rank trains the sharded model on its share of every global batch and, beside it, an unsharded
 copy on the whole batch (the one-process reference). After every step the whole masks must equal
 the reference's; at the end, masked weights and optimizer state must be zero on this rank's shard,
-and the masks must hash the same on every rank. ``OUT/rank<r>.json`` holds what each rank saw.
+and the masks must hash the same on every rank. AST's stacks of sub-network masks must hold this
+rank's shard only, switch sub-network without a collective, and read whole as the reference's.
+``OUT/rank<r>.json`` holds what each rank saw.
 """
 
 import json
@@ -156,7 +158,14 @@ def run(name: str) -> dict:
     )
     weights = {n: sharding.full(p.detach()) for n, p in model.named_parameters()}
     ref_weights = dict(ref_model.named_parameters())
+    subnets = subnet_checks(sp, ref) if hasattr(sp.method, "subnets") else {}
+    report, ref_report = sp.report(), ref.report()  # the sharded one: a collective forward
     return {
+        **subnets,
+        "flops": [report.flops.dense, report.flops.sparse, report.flops.per_module],
+        "ref_flops": [ref_report.flops.dense, ref_report.flops.sparse, ref_report.flops.per_module],
+        "train_flops_per_example": report.training_flops / sp.examples_per_step,
+        "ref_train_flops_per_example": ref_report.training_flops / ref.examples_per_step,
         "differing_steps": differing,
         "digest": collectives.tensor_digest(whole),
         "active": {n: int(m.sum()) for n, m in whole.items()},
@@ -176,10 +185,54 @@ def run(name: str) -> dict:
     }
 
 
+def subnet_checks(sp, ref) -> dict:
+    """AST: the stacks hold this rank's shard only (their bytes against the shards' and the whole
+    stacks'), switching sub-network needs no collective, and whole readings equal the reference's."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    method, k = sp.method, sp.method.num_subnets
+    stacks = method.subnets.stack
+    with CommDebugMode() as switching:
+        for i in range(k):
+            method.use_subnet(sp, i)
+        method.resume_training(sp)
+    with CommDebugMode() as reading:
+        masks = [method.subnet_masks(i) for i in range(k)]
+    saved = sp.state_dict()["method_state"]["stack"]
+    return {
+        "stack_shapes": {n: list(s.shape) for n, s in stacks.items()},
+        "stack_shapes_match": all(
+            tuple(s.shape) == (k, *sharding.local(sp.params[n]).shape) for n, s in stacks.items()
+        ),
+        "stack_bytes": sum(s.untyped_storage().nbytes() for s in stacks.values()),
+        "stack_shard_bytes": k * sum(sharding.local(p).numel() for p in sp.params.values()),
+        "whole_stack_bytes": k * sum(p.numel() for p in sp.params.values()),
+        "saved_stack_is_placed": all(sharding.is_sharded(s) for s in saved.values()),
+        "switch_collectives": switching.get_total_counts(),
+        "reading_collectives": reading.get_total_counts(),
+        "subnet_masks_equal": all(
+            torch.equal(masks[i][n], m)
+            for i in range(k)
+            for n, m in ref.method.subnet_masks(i).items()
+        ),
+        "saved_stack_equal": all(
+            torch.equal(sharding.full(saved[n]), s)
+            for n, s in ref.state_dict()["method_state"]["stack"].items()
+        ),
+        "subnet_sparsity": [method.subnet_sparsity(i) for i in range(k)],
+        "ref_subnet_sparsity": [ref.method.subnet_sparsity(i) for i in range(k)],
+        "overlap": method.nesting_overlap(),
+        "ref_overlap": ref.method.nesting_overlap(),
+    }
+
+
 def whole_state(model, opt, sp) -> dict[str, torch.Tensor]:
-    """Whole weights, masks and optimizer state, for digests."""
+    """Whole weights, masks, optimizer state and AST's stacks of masks, for digests."""
     out = {f"w/{n}": sharding.full(p.detach()) for n, p in model.named_parameters()}
     out.update({f"m/{n}": m for n, m in sp.full_masks().items()})
+    if hasattr(sp.method, "subnets"):
+        stacks = sp.state_dict()["method_state"]["stack"]
+        out.update({f"s/{n}": sharding.full(s) for n, s in stacks.items()})
     for n, p in model.named_parameters():
         for k, v in opt.state[p].items():
             out[f"o/{n}/{k}"] = sharding.full(v)
@@ -211,6 +264,7 @@ def resume(name: str, out: Path) -> dict:
         "resumed": collectives.tensor_digest(resumed),
         "saved_masks": collectives.tensor_digest({k: v for k, v in saved.items() if k[0] == "m"}),
         "saved_weights": collectives.tensor_digest({k: v for k, v in saved.items() if k[0] == "w"}),
+        "saved_stacks": collectives.tensor_digest({k: v for k, v in saved.items() if k[0] == "s"}),
         "final_masks": collectives.tensor_digest(masks),
     }
 

@@ -208,6 +208,13 @@ def test_acdc_cell_gives_sparse_and_dense_twin_records(tmp_path):
     result = json.loads((tmp_path / "report.json").read_text())
     assert twin["test_acc"] == result["extras"]["dense_twin_test_acc"]
     assert sparse["test_acc"] == result["metrics"]["test_acc"]
+    grid = _grid(
+        {"acdc_keep": {"method": "acdc", "options": {"reset_state": "none"}}},
+        ["train.batch_size=4"],
+        sparsities=[0.75],
+    )
+    names = [r["name"] for r in run_cell(expand(grid)[0], grid, tmp_path / "keep")]
+    assert names == ["acdc_keep", "acdc_keep_twin"]  # each AC/DC variant's twin is its own row
 
 
 def _record(name, sparsity, seed, acc, model="mlp"):

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Arguments that keep each run to a few seconds; outputs go under the test's directory (cwd).
 EXAMPLES = {
     "own_loop.py": [],
+    "acdc_own_loop.py": ["--synthetic", "--epochs", "2"],
     "hf_gpt2.py": ["--steps", "20", "--out", "out"],
     "lightning_mlp.py": ["--epochs", "2", "--out", "out"],
 }

@@ -1,6 +1,7 @@
 """Sharded sparse training (FSDP2): every method's masks on 2 (and 4) gloo processes equal one
 unsharded process's on the same global batches, on every rank, with exact counts and masked
-weights and optimizer state zero on every shard; unsupported combinations are refused."""
+weights and optimizer state zero on every shard; AST's stacks of sub-network masks are sharded
+like the weights; unsupported combinations are refused."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+STACK_KEYS = "sparsifier/method_state/stack/"
 METHODS = ["rigl", "rigl-accumulate", "set", "dsr", "gmp", "acdc", "static", "ast", "gap"]
 
 
@@ -39,6 +41,27 @@ def check(ranks: list[dict], methods: list[str]) -> None:
             # AST keeps the values and optimizer state under its masks (nested sub-networks)
             assert run["state_zero_off_mask"] or name == "ast", name
             assert run["weights_close"], name
+            assert run["flops"] == run["ref_flops"], name  # sp.report() counts the sharded model
+            assert run["train_flops_per_example"] == run["ref_train_flops_per_example"], name
+        if name == "ast":
+            check_stacks(runs)
+
+
+def check_stacks(runs: list[dict]) -> None:
+    """AST's stacks hold each rank's shard, (K, *local shard shape), and nothing more: about 1/N
+    of the whole stacks' bytes per rank; switching needs no collective; whole readings (the
+    sub-networks' masks, sparsities, nesting, the saved stacks) equal one unsharded process's."""
+    whole = runs[0]["whole_stack_bytes"]
+    assert sum(run["stack_bytes"] for run in runs) == whole
+    for run in runs:
+        assert run["stack_shapes_match"], run["stack_shapes"]
+        assert run["stack_bytes"] == run["stack_shard_bytes"]
+        assert run["stack_bytes"] <= 1.25 * whole / len(runs)  # uneven shards: a little more
+        assert run["saved_stack_is_placed"] and run["saved_stack_equal"]
+        assert run["switch_collectives"] == 0 < run["reading_collectives"]
+        assert run["subnet_masks_equal"]
+        assert run["subnet_sparsity"] == run["ref_subnet_sparsity"]
+        assert run["overlap"] == run["ref_overlap"]
 
 
 def test_two_processes_decide_as_one_unsharded_process(tmp_path):
@@ -58,6 +81,8 @@ def test_four_processes_with_uneven_shards(tmp_path, methods):
 
 
 def test_dcp_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
     from sparsetrain.collectives import tensor_digest
     from sparsetrain.sharded_checkpoint import load_sharded
     from tests import fsdp_worker as worker
@@ -71,6 +96,10 @@ def test_dcp_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp_pat
             assert run["loaded"] == run["saved"], name  # weights, masks and optimizer state
             assert run["resumed"] == run["straight"], name  # bit for bit after resuming
             assert run == runs[0]
+        if name == "ast":  # the stacks are saved as shards (DCP tensors), not in the small state
+            meta = dcp.FileSystemReader(str(tmp_path / name)).read_metadata()
+            stacks = [k for k in meta.state_dict_metadata if k.startswith(STACK_KEYS)]
+            assert len(stacks) == 3, sorted(meta.state_dict_metadata)
         # resharded 2 -> 1: the checkpoint loads into one unsharded process, which goes on to
         # the same masks as the two sharded ones
         model, opt, sp = worker.build(name, sharded=False)
@@ -83,6 +112,8 @@ def test_dcp_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp_pat
             tensor_digest({k: v for k, v in state.items() if k[0] == "w"})
             == runs[0]["saved_weights"]
         )
+        stacks = {k: v for k, v in state.items() if k[0] == "s"}
+        assert tensor_digest(stacks) == runs[0]["saved_stacks"], name
         assert sp.step == worker.SAVE_AT
         for x, y in worker.batches(worker.STEPS)[worker.SAVE_AT :]:
             worker.step(model, opt, x, y)
@@ -111,23 +142,28 @@ CLI_RUN = [
     "train.keep=10",
     "train.check_masks_every=5",
     "train.strategy=fsdp",
-    "sparsity.method=rigl",
-    "sparsity.sparsity=0.8",
     "sparsity.options.update_every=4",
 ]
+CLI_METHODS = {
+    "rigl": ["sparsity.method=rigl", "sparsity.sparsity=0.8"],
+    # AST's switchable BatchNorm cannot deep-copy a sharded BatchNorm: a model without one
+    "ast": ["model.name=mlp", "sparsity.method=ast", "sparsity.sparsity=[0.5,0.8]"],
+}
 
 
-def test_cli_fsdp_run_resumes_exactly_and_on_another_world_size(tmp_path):
+@pytest.mark.parametrize("method", list(CLI_METHODS))
+def test_cli_fsdp_run_resumes_exactly_and_on_another_world_size(tmp_path, method):
     import shutil
 
     import torch
 
     from sparsetrain.collectives import tensor_digest
+    from sparsetrain.methods.ast import subnet_checkpoint
     from sparsetrain.train.checkpoint import load_checkpoint
     from sparsetrain.train.resume import RESUMABLE_KEYS
 
     straight = tmp_path / "straight"
-    _cli(tmp_path, 2, "--set", *CLI_RUN, f"train.out={straight}")
+    _cli(tmp_path, 2, "--set", *CLI_RUN, *CLI_METHODS[method], f"train.out={straight}")
     saved = sorted((straight / "checkpoints").glob("step-*.pt"))
     assert [p.name for p in saved][:2] == ["step-00000005.pt", "step-00000010.pt"]
     assert all(p.with_name(p.name + ".shards").is_dir() for p in saved)  # DCP shards beside
@@ -139,6 +175,13 @@ def test_cli_fsdp_run_resumes_exactly_and_on_another_world_size(tmp_path):
         return {
             "model": tensor_digest(final["model"]),
             "masks": tensor_digest(final["sparsifier"]["masks"]),
+            # AST: every sub-network's masks (gathered whole) and what after_training measured
+            "stacks": tensor_digest(final["sparsifier"]["method_state"].get("stack", {})),
+            "subnets": {
+                k: v
+                for k, v in final["metrics"].items()
+                if k.endswith("_sparsity") or k == "nesting_overlap"
+            },
             "optimizer": tensor_digest(
                 {
                     f"{i}/{k}": v
@@ -152,6 +195,15 @@ def test_cli_fsdp_run_resumes_exactly_and_on_another_world_size(tmp_path):
 
     expected = digests(straight / "final.pt")  # gathered: whole tensors, as one process writes
     assert expected["step"] == 30
+    if method == "ast":  # one sub-network out of the gathered file, as the tools read it
+        assert set(expected["subnets"]) == {
+            "subnet0_sparsity",
+            "subnet1_sparsity",
+            "nesting_overlap",
+        }
+        one = subnet_checkpoint(load_checkpoint(straight / "final.pt"), 1)
+        masks = one["sparsifier"]["masks"]
+        assert masks and all(m.shape == one["model"][n].shape for n, m in masks.items())
     for processes in (2, 1):  # the same world size, then resharded 2 -> 1
         run = tmp_path / f"resumed{processes}"
         shutil.copytree(straight, run, ignore=shutil.ignore_patterns("final.pt", "report.*"))

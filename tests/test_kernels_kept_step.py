@@ -251,16 +251,16 @@ def test_sparse_kernels_take_the_kept_step_and_train_like_dense():
     assert sp.kernels.kept_step.steps == 4 * 4
     # A convolution bias followed by BatchNorm has a true gradient of zero: what it gets is
     # float32 rounding noise, amplified by BatchNorm on a near-constant channel (a channel that
-    # kept one weight or none), which differs between the sparse and dense summation orders.
+    # kept one weight or none), which differs between the sparse and dense summation orders
+    # (and with the thread count: up to 7e-6 apart on one thread with dense convolutions).
     # In float64 the two runs agree to 1e-16.
     noise = {"conv1.bias": 1e-3, "conv2.bias": 1e-3}
     for (name, a), b in zip(dense.named_parameters(), sparse.parameters(), strict=True):
-        atol = noise.get(name, 1e-6)
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=atol, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=noise.get(name, 1e-6), msg=name)
         torch.testing.assert_close(
             opt.state[b]["momentum_buffer"],
             dense_opt.state[a]["momentum_buffer"],
             rtol=1e-4,
-            atol=atol,
+            atol=noise.get(name, 1e-5),
             msg=name,
         )

@@ -1,7 +1,8 @@
 """Results records -> mean +- std over seeds -> markdown tables.
 
-Records are grouped by (model, name, sparsity), where ``name`` is the variant, or ``acdc_twin``
-for AC/DC's dense twin. The std is the sample standard deviation (n - 1); one seed shows no std.
+Records are grouped by (model, name, sparsity), where ``name`` is the variant, or
+``<variant>_twin`` for an AC/DC variant's dense twin. The std is the sample standard deviation
+(n - 1); one seed shows no std.
 Each row's score is its task's headline (:func:`sparsetrain.tasks.headline`): test accuracy for
 a classifier, validation bits per byte for a language model.
 """

@@ -7,6 +7,7 @@ like :mod:`sparsetrain.report.plots`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,15 @@ __all__ = ["plot_score_vs_sparsity", "plot_score_vs_train_flops"]
 
 _MARKERS = "osD^vP<X>hp*H"
 _PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # 0.7, not 7x10^-1, on a log axis
+
+
+def _sparse_minor(value: float, _: int) -> str:
+    """Label only the 2x and 5x minor ticks of a decade: all eight overlap."""
+    mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+    return f"{value:g}" if mantissa in (2, 5) else ""
+
+
+_MINOR = FuncFormatter(_sparse_minor)
 
 
 def _style(names: Sequence[str]) -> dict[str, tuple[tuple[float, ...], str]]:
@@ -140,7 +150,7 @@ def plot_score_vs_train_flops(rows: Sequence[Row], path: str | Path) -> Path:
         better = "higher" if score.higher_is_better else "lower"
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(_PLAIN)
-        ax.xaxis.set_minor_formatter(_PLAIN)
+        ax.xaxis.set_minor_formatter(_MINOR)
         ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("training FLOPs / dense run")
         ax.set_ylabel(f"{score.label} ({better} is better)")

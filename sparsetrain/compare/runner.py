@@ -41,12 +41,13 @@ from sparsetrain.train.entry import train
 from sparsetrain.train.rundir import clear_run
 from sparsetrain.train.state import RunResult
 
-__all__ = ["GridRun", "RESULTS", "load_records", "run_cell", "run_grid"]
+__all__ = ["ACDC_TWIN", "GridRun", "RESULTS", "TWIN_SUFFIX", "load_records", "run_cell", "run_grid"]
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
-ACDC_TWIN = "acdc_twin"  # record name of AC/DC's dense twin
+TWIN_SUFFIX = "_twin"  # record name of an AC/DC variant's dense twin: <variant>_twin
+ACDC_TWIN = "acdc" + TWIN_SUFFIX
 
 
 @dataclass
@@ -188,7 +189,7 @@ def run_cell(
         records.append(
             _record(
                 common,
-                ACDC_TWIN,
+                cell.variant.name + TWIN_SUFFIX,
                 level,
                 twin_acc,
                 result.extras["dense_twin_test_loss"],

@@ -8,7 +8,7 @@ from typing import Any
 
 from sparsetrain.compare.aggregate import aggregate, ast_table, detail_table, score_table
 from sparsetrain.compare.plots import plot_score_vs_sparsity, plot_score_vs_train_flops
-from sparsetrain.compare.runner import ACDC_TWIN
+from sparsetrain.compare.runner import ACDC_TWIN, TWIN_SUFFIX
 
 __all__ = ["AST_COUNTERPARTS", "name_order", "render_summary", "write_summary"]
 
@@ -28,13 +28,8 @@ PANELS = (
 
 
 def name_order(variants: Sequence[str]) -> list[str]:
-    """Table order: the grid's variants, AC/DC's twin right after AC/DC."""
-    order = []
-    for name in variants:
-        order.append(name)
-        if name == "acdc":
-            order.append(ACDC_TWIN)
-    return order
+    """Table order: the grid's variants, each AC/DC variant's twin right after it."""
+    return [n for name in variants for n in (name, name + TWIN_SUFFIX)]
 
 
 def render_summary(

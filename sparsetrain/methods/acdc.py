@@ -13,6 +13,14 @@ compressed phase begins) and is fine-tuned densely over the final phase's steps 
 the learning rates the sparse model had in that phase (:meth:`ACDC.after_training`, called by
 ``sparsetrain train``; in a loop of your own, :func:`sparsetrain.finetune_dense_twin`).
 ``sp.export(which="dense")`` returns it.
+
+Where this differs from the reference code, and why: phase lengths are the preset's shares of
+its 100- or 200-epoch run scaled to ``total_steps`` (the reference fixes them in epochs), and a
+phase shorter than one step gets one; the learning rate follows whatever schedule the loop
+steps (the reference steps its cosine once per epoch); the global top-k keeps every layer at
+least at the sparsifier's ``min_density`` (1% by default; the reference has no floor, so a layer
+can lose every weight). The optimizer state is zeroed before the first step of a decompressed
+phase, as in the reference (SparseML zeroes it after that step).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from sparsetrain import sharding
 from sparsetrain.errors import ConfigError
 from sparsetrain.inputs import ExampleInput
 
@@ -190,9 +191,10 @@ class _WeightLookup:
             self.owner[name] = owner
             self.count[name] = (int(torch.count_nonzero(mask)), mask.numel())
             # Only tensors the module holds keep their memory: a computed attribute (a
-            # parametrization) is a temporary whose address a later tensor may reuse.
+            # parametrization) is a temporary whose address a later tensor may reuse, and a
+            # sharded (FSDP) weight is gathered into new memory for each forward.
             own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
-            held = any(t is tensor for t in own)
+            held = any(t is tensor for t in own) and not sharding.is_sharded(tensor)
             if held and tensor.numel() > 0:
                 first, last = _span(tensor)
                 layout = torch.zeros(last - first + 1, device=tensor.device)

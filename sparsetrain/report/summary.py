@@ -151,8 +151,12 @@ def build_report(
     steps: int = 0,
     batch_size: int | None = None,
     dense_gradient_steps: int = 0,
+    flops_model: nn.Module | None = None,
 ) -> Report:
-    """A :class:`Report` from its pieces (what a checkpoint holds, without a live Sparsifier)."""
+    """A :class:`Report` from its pieces (what a checkpoint holds, without a live Sparsifier).
+
+    ``flops_model`` runs the counted forward where ``model`` cannot (a sharded model's stand-in).
+    """
     report = Report(
         sparsity_report(model, masks, targets),
         steps=steps,
@@ -163,7 +167,7 @@ def build_report(
         return report
     if isinstance(example_input, torch.Tensor):
         example_input = example_input[:1]
-    report.flops = inference_flops(model, example_input, masks)
+    report.flops = inference_flops(flops_model or model, example_input, masks)
     if density_sum is not None and steps > 0 and batch_size:
         report.training_flops, report.training_flops_dense = _training_flops(
             model, report.flops, density_sum, steps, batch_size, dense_gradient_steps
@@ -185,11 +189,11 @@ class _WholeWeights(nn.Module):
 def summarize(sp: Sparsifier, example_input: ExampleInput | None = None) -> Report:
     """The report of a live Sparsifier (what ``sp.report()`` returns).
 
-    Sharded (FSDP) weights are gathered, on every rank, for the per-layer table; FLOPs are then
-    left out (count them on the unsharded model, e.g. ``sparsetrain report final.pt``)."""
+    Sharded (FSDP) weights are gathered for the per-layer table, and the FLOPs come from one
+    forward of the sharded model: call it on every rank, as every collective."""
     model = sp.model
     if sharding.any_sharded(model.parameters()):
-        model, example_input = _WholeWeights(model), None
+        model = _WholeWeights(model)
     return build_report(
         model,
         sp.full_masks(),
@@ -199,4 +203,5 @@ def summarize(sp: Sparsifier, example_input: ExampleInput | None = None) -> Repo
         steps=sp.step,
         batch_size=sp.examples_per_step,
         dense_gradient_steps=int(getattr(sp.method, "dense_gradient_steps", 0)),
+        flops_model=sp.model,
     )

@@ -188,7 +188,9 @@ class AST(Method):
                 "ast: layer_sparsity overrides need distribution uniform or erk (the global "
                 "ramp prunes every layer by one count)"
             )
-        floors = {n: mask_ops.floor_count(p.numel(), self.min_density) for n, p in sp.params.items()}
+        floors = {
+            n: mask_ops.floor_count(p.numel(), self.min_density) for n, p in sp.params.items()
+        }
         self.subnets = SubnetMasks(
             sp.params,
             self.num_subnets,
@@ -252,15 +254,19 @@ class AST(Method):
         self._switch(sp, self.training_subnet(sp.step + 1))
 
     def subnet_masks(self, index: int | float) -> dict[str, torch.Tensor]:
-        """Bool masks of one sub-network (copies)."""
-        return {n: m.clone() for n, m in self.subnets.masks(self.subnet_index(index)).items()}
+        """Whole bool masks of one sub-network (copies; under FSDP an all-gather: call it on every
+        rank)."""
+        i = self.subnet_index(index)
+        with self.subnets.whole():
+            return {n: m.clone() for n, m in self.subnets.masks(i).items()}
 
     def subnet_sparsity(self, index: int | float) -> float:
-        """Fraction of zeros of one sub-network over the sparse parameters."""
+        """Fraction of zeros of one sub-network over the sparse parameters (no communication)."""
         return self.subnets.sparsity(self.subnet_index(index))
 
     def nesting_overlap(self) -> list[float]:
-        """Per sub-network after the first, the fraction of its weights inside the denser one's."""
+        """Per sub-network after the first, the fraction of its weights inside the denser one's
+        (under FSDP a collective: call it on every rank)."""
         return self.subnets.overlap()
 
     @property
@@ -279,7 +285,7 @@ class AST(Method):
         model = sp.baked_copy()
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, mask in self.subnets.masks(i).items():
+            for name, mask in self.subnet_masks(i).items():
                 params[name].copy_(sp.dense_value(name) * mask)
         return restore_batchnorms(model, i)
 
@@ -334,12 +340,13 @@ class AST(Method):
         self._conflicts = int(state.get("conflicts", 0))
         set_active(self._bns.values(), self.active)
         loaded = self._sp.full_masks()
-        if any(not torch.equal(loaded[n], m) for n, m in self.subnets.masks(self.active).items()):
+        if any(not torch.equal(loaded[n], m) for n, m in self.subnet_masks(self.active).items()):
             raise CheckpointError("ast state: the active sub-network's masks differ from sp's")
 
     # ---------------------------------------------------------------- internals
     def _switch(self, sp: Sparsifier, i: int) -> None:
-        sp.set_masks(self.subnets.masks(i))
+        """No communication under FSDP: each rank hands over its own slices, counts known."""
+        sp.set_masks(self.subnets.masks(i), self.subnets.counts(i))
         set_active(self._bns.values(), i)
         sp.targets = dict(self.goals[i])
         self.active = i
@@ -347,27 +354,30 @@ class AST(Method):
     def _update(self, sp: Sparsifier, k: int, t: int) -> None:
         if self.nm and self.ramp_done[k]:
             return  # N:M masks are frozen once the ramp is over
-        magnitude = {name: sp.dense_value(name).abs() for name in sp.params}
-        if self.nm:
-            self.nm_fraction[k] = self.nm_ramp(t)
-            self.ramp_done[k] = t >= self.nm_ramp.end
-            self.subnets.set_nm(k, magnitude, self.nm_fraction[k])
-        else:
-            if not self.ramp_done[k]:  # magnitude pruning along the ramp, until it ends
-                self.subnets.prune(k, magnitude, self._keep_counts(sp, self.ramps[k](t)))
-                self.ramp_done[k] = t >= self.ramps[k].end
-                if self.ramp_done[k] and self.distribution == "global":
-                    masks = self.subnets.masks(k)
-                    self.goals[k] = {n: 1.0 - float(m.sum()) / m.numel() for n, m in masks.items()}
-            if self._grow_grad:
-                self.subnets.regrow(k, magnitude, self._grow_grad, self.death_rate(t))
-        if self.nested:
-            self.subnets.repair_from(
-                k + 1,
-                magnitude,
-                global_count=self.distribution == "global",
-                nm_fractions=self.nm_fraction,
-            )
+        with self.subnets.whole():  # one gather of the stacks for the whole update (FSDP)
+            magnitude = {name: sp.dense_value(name).abs() for name in sp.params}
+            if self.nm:
+                self.nm_fraction[k] = self.nm_ramp(t)
+                self.ramp_done[k] = t >= self.nm_ramp.end
+                self.subnets.set_nm(k, magnitude, self.nm_fraction[k])
+            else:
+                if not self.ramp_done[k]:  # magnitude pruning along the ramp, until it ends
+                    self.subnets.prune(k, magnitude, self._keep_counts(sp, self.ramps[k](t)))
+                    self.ramp_done[k] = t >= self.ramps[k].end
+                    if self.ramp_done[k] and self.distribution == "global":
+                        masks = self.subnets.masks(k)
+                        self.goals[k] = {
+                            n: 1.0 - float(m.sum()) / m.numel() for n, m in masks.items()
+                        }
+                if self._grow_grad:
+                    self.subnets.regrow(k, magnitude, self._grow_grad, self.death_rate(t))
+            if self.nested:
+                self.subnets.repair_from(
+                    k + 1,
+                    magnitude,
+                    global_count=self.distribution == "global",
+                    nm_fractions=self.nm_fraction,
+                )
 
     def _keep_counts(self, sp: Sparsifier, sparsity: float) -> int | dict[str, int]:
         """Weights to keep: one global count, or per tensor from the distribution."""

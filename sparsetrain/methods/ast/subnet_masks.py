@@ -5,17 +5,25 @@ Every sparse tensor has one bool mask per sub-network, held as a ``[K, *shape]``
 inside: sub-network ``i - 1``'s when nesting is enforced, all ones otherwise. Every operation here
 keeps its result inside the support, and :meth:`SubnetMasks.repair_from` restores nesting after a
 denser mask changed. When the masks change is the method's business, not this class's.
+
+Under FSDP2 a stack holds, at rest, only this rank's shard, ``[K, *local shard shape]``, each row
+cut as its weight is, so memory per rank scales with the shard and switching sub-network needs no
+communication. Every change and every whole reading runs inside :meth:`SubnetMasks.whole`, which
+gathers the whole stacks, so decisions are exactly one unsharded process's, and keeps the local
+slices again afterwards. Unsharded, the stacks are whole and ``whole`` changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from sparsetrain import sharding
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.methods.ast.nested_masks import is_nested, nm_within, prune_regrow, select_within
 
@@ -49,15 +57,46 @@ class SubnetMasks:
         self.nested = nested
         self.nm = None if nm is None else list(nm)
         self.nm_layers = list(nm_layers)
+        self.params = dict(params)  # each stack's rows are cut as their parameter
         self.stack: Masks = {
-            name: torch.ones((num_subnets, *p.shape), dtype=torch.bool, device=p.device)
+            name: torch.ones(
+                (num_subnets, *sharding.local(p).shape), dtype=torch.bool, device=p.device
+            )
             for name, p in params.items()
         }
+        self._counts = {name: [p.numel()] * num_subnets for name, p in params.items()}
+        self._whole = False
+
+    @contextmanager
+    def whole(self) -> Iterator[None]:
+        """Hold the whole stacks inside, this rank's slices again after (re-entrant).
+
+        Under FSDP an all-gather: every rank enters, at mask updates and whole readings only.
+        """
+        if self._whole:
+            yield
+            return
+        placed = {n: sharding.placed_stack(s, self.params[n]) for n, s in self.stack.items()}
+        self.stack = {n: sharding.full(s) for n, s in placed.items()}
+        self._whole = True
+        try:
+            yield
+        finally:
+            self._whole = False
+            self._counts = {n: [int(row.sum()) for row in s] for n, s in self.stack.items()}
+            self.stack = {n: _cut(s, placed[n]) for n, s in self.stack.items()}
 
     # ---------------------------------------------------------------- reading
     def masks(self, i: int) -> Masks:
-        """Sub-network ``i``'s masks (views into the stacks: copy before keeping them)."""
-        return {name: stack[i] for name, stack in self.stack.items()}
+        """Sub-network ``i``'s masks (views into the stacks: copy before keeping them); at rest
+        under FSDP this rank's slices, shown as DTensors placed like their weights."""
+        if self._whole:
+            return {name: stack[i] for name, stack in self.stack.items()}
+        return {n: sharding.placed(s[i], self.params[n]) for n, s in self.stack.items()}
+
+    def counts(self, i: int) -> dict[str, int]:
+        """Active weights of sub-network ``i`` per tensor (known without communication)."""
+        return {name: counts[i] for name, counts in self._counts.items()}
 
     def support(self, i: int) -> Masks:
         """Where sub-network ``i``'s mask may be: the denser neighbour's mask when nested."""
@@ -66,40 +105,44 @@ class SubnetMasks:
         return {name: torch.ones_like(stack[0]) for name, stack in self.stack.items()}
 
     def sparsity(self, i: int) -> float:
-        """Fraction of zeros of sub-network ``i`` over all its tensors."""
-        total = sum(stack[i].numel() for stack in self.stack.values())
-        return 1.0 - _count(self.masks(i)) / max(1, total)
+        """Fraction of zeros of sub-network ``i`` over all its tensors (no communication)."""
+        total = sum(self.params[name].numel() for name in self.stack)
+        return 1.0 - sum(self.counts(i).values()) / max(1, total)
 
     def overlap(self) -> list[float]:
         """For each sub-network after the first, the fraction of its active weights also active in
-        the next denser one: 1.0 everywhere when the masks are nested."""
+        the next denser one: 1.0 everywhere when the masks are nested (under FSDP a collective)."""
         out = []
-        for i in range(1, self.num_subnets):
-            inner = sum(int((s[i] & s[i - 1]).sum()) for s in self.stack.values())
-            out.append(inner / max(1, _count(self.masks(i))))
+        with self.whole():
+            for i in range(1, self.num_subnets):
+                inner = sum(int((s[i] & s[i - 1]).sum()) for s in self.stack.values())
+                out.append(inner / max(1, _count(self.masks(i))))
         return out
 
     # ---------------------------------------------------------------- changes
     def prune(self, i: int, magnitude: Masks, counts: int | dict[str, int]) -> None:
         """Keep the largest magnitudes inside the support: one global count or one per tensor."""
-        self._write(i, _select(magnitude, self.support(i), counts, floors=self.floors))
+        with self.whole():
+            self._write(i, _select(magnitude, self.support(i), counts, floors=self.floors))
 
     def regrow(self, i: int, magnitude: Masks, grow_score: Masks, fraction: float) -> None:
         """Per tensor of ``grow_score``: drop ``fraction`` by smallest magnitude, regrow as many
         by largest grow score inside the support (counts unchanged)."""
-        support = self.support(i)
-        for name, score in grow_score.items():
-            new = prune_regrow(magnitude[name], score, self.stack[name][i], support[name], fraction)
-            self.stack[name][i] = new
+        with self.whole():
+            support = self.support(i)
+            for name, score in grow_score.items():
+                mask, inside = self.stack[name][i], support[name]
+                self.stack[name][i] = prune_regrow(magnitude[name], score, mask, inside, fraction)
 
     def set_nm(self, i: int, magnitude: Masks, sparse_fraction: float) -> None:
         """N:M masks for sub-network ``i`` inside its support, ``sparse_fraction`` of groups N:M."""
         n, m = self.nm[i]
-        support = self.support(i)
-        for name in self.nm_layers:
-            self.stack[name][i] = nm_within(
-                magnitude[name], support[name], n, m, sparse_fraction, name
-            )
+        with self.whole():
+            support = self.support(i)
+            for name in self.nm_layers:
+                self.stack[name][i] = nm_within(
+                    magnitude[name], support[name], n, m, sparse_fraction, name
+                )
 
     def repair_from(
         self,
@@ -117,6 +160,12 @@ class SubnetMasks:
         are recomputed inside the new support at their group fraction ``nm_fractions[i]``. Stops
         at the first mask already nested: the sparser ones, unchanged, are nested in it.
         """
+        with self.whole():
+            self._repair_from(first, magnitude, global_count, nm_fractions)
+
+    def _repair_from(
+        self, first: int, magnitude: Masks, global_count: bool, nm_fractions: Sequence[float]
+    ) -> None:
         for i in range(first, self.num_subnets):
             masks, support = self.masks(i), self.support(i)
             if is_nested(masks, support):
@@ -138,19 +187,29 @@ class SubnetMasks:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {name: stack.clone() for name, stack in self.stack.items()}
+        """The stacks (under FSDP DTensors of the whole stacks, holding this rank's slices)."""
+        return {n: sharding.placed_stack(s.clone(), self.params[n]) for n, s in self.stack.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Stacks saved whole or placed, on any number of ranks (a collective under FSDP)."""
         if set(state) != set(self.stack) or any(
-            state[n].shape != s.shape for n, s in self.stack.items()
+            tuple(state[n].shape) != (self.num_subnets, *p.shape) for n, p in self.params.items()
         ):
             raise CheckpointError(
                 "sub-network masks do not match the model's sparse parameters or the number of "
                 f"sub-networks ({self.num_subnets})"
             )
-        self.stack = {
-            n: state[n].to(device=s.device, dtype=torch.bool) for n, s in self.stack.items()
-        }
+        placed = {n: sharding.placed_stack(s, self.params[n]) for n, s in self.stack.items()}
+        self.stack = {n: _cut(state[n], placed[n]) for n in self.stack}
+        with self.whole():
+            pass  # the whole stacks are counted on the way out
+
+
+def _cut(stack: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of ``stack`` (whole, or a DTensor), cut as ``like``, in storage of its
+    own under FSDP (a view would keep the whole stack alive)."""
+    local = sharding.shard_of(stack, like).to(device=like.device, dtype=torch.bool)
+    return local.clone() if sharding.is_sharded(like) else local
 
 
 def _count(masks: Masks) -> int:
