@@ -54,32 +54,27 @@ class KernelLinear(nn.Linear):
         return _plain_copy(self)
 
 
-class KernelConv1d(nn.Conv1d):
+class _KernelConv:
+    """The training forward of a convolution through its sparsifier's kernels (a mixin placed
+    before ``nn.Conv1d`` / ``nn.Conv2d``, whose ``_conv_forward`` serves eval mode)."""
+
+    _kernel: ConvRoute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._kernel(self, x)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return _plain_copy(self)
+
+
+class KernelConv1d(_KernelConv, nn.Conv1d):
     """An ``nn.Conv1d`` whose training forward goes through its sparsifier's kernels."""
 
-    _kernel: ConvRoute
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self._conv_forward(x, self.weight, self.bias)
-        return self._kernel(self, x)
-
-    def __reduce_ex__(self, protocol: Any) -> tuple:
-        return _plain_copy(self)
-
-
-class KernelConv2d(nn.Conv2d):
+class KernelConv2d(_KernelConv, nn.Conv2d):
     """An ``nn.Conv2d`` whose training forward goes through its sparsifier's kernels."""
-
-    _kernel: ConvRoute
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self._conv_forward(x, self.weight, self.bias)
-        return self._kernel(self, x)
-
-    def __reduce_ex__(self, protocol: Any) -> tuple:
-        return _plain_copy(self)
 
 
 # The kernel class of each plain class, and back.

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sparsetrain.kernels.extension import ConvKernels
-from sparsetrain.kernels.sparse_linear import GradBuffer
+from sparsetrain.kernels.sparse_linear import GradBuffer, KeptIndex
 
 __all__ = [
     "ConvGeometry",
@@ -59,7 +59,7 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True, eq=False)
-class ConvStructure:
+class ConvStructure(KeptIndex):
     """The nonzeros of one convolution mask, by output channel and by input channel.
 
     ``index`` holds the flat positions of the kept weights in row-major order (sorted by output
@@ -109,18 +109,6 @@ class ConvStructure:
             rowptr_t=torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)]),
             perm_t=torch.sort(in_channel, stable=True).indices,
         )
-
-    @property
-    def nnz(self) -> int:
-        return self.index.numel()
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
-    def gather(self, weight: torch.Tensor) -> torch.Tensor:
-        """The kept values of ``weight`` in ``index`` order (values off the mask unread)."""
-        return weight.reshape(-1).index_select(0, self.index)
 
     def offsets(self, kind: str, *dims: int) -> torch.Tensor:
         """Per-nonzero element offsets into a packed buffer, cached per ``(kind, dims)``.

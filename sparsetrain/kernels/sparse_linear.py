@@ -53,8 +53,28 @@ def _quiet_beta_warning() -> None:
         )
 
 
+class KeptIndex:
+    """What every sparse structure derives from its ``index`` (the kept positions of the
+    flattened weight, in the kernels' order) and its 2-D ``shape`` (outputs, inputs)."""
+
+    index: torch.Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def nnz(self) -> int:
+        return self.index.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    def gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept values of ``weight`` in ``index`` order (values off the mask unread)."""
+        return weight.reshape(-1).index_select(0, self.index)
+
+
 @dataclass(frozen=True, eq=False)
-class LinearStructure:
+class LinearStructure(KeptIndex):
     """The CSR patterns of one mask and of its transpose, and where their values come from.
 
     ``index`` holds the flat positions of the mask in the (row-major) weight in CSR order, so the
@@ -97,18 +117,6 @@ class LinearStructure:
             col_t=row.index_select(0, perm_t).to(torch.int32),
             perm_t=perm_t,
         )
-
-    @property
-    def nnz(self) -> int:
-        return self.index.numel()
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
-    def gather(self, weight: torch.Tensor) -> torch.Tensor:
-        """The CSR values: ``weight`` at the mask, in CSR order (values off the mask unread)."""
-        return weight.reshape(-1).index_select(0, self.index)
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """``W`` restricted to the mask, as CSR over gathered ``values``."""
