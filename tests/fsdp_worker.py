@@ -14,6 +14,7 @@ rank's shard only, switch sub-network without a collective, and read whole as th
 ``OUT/rank<r>.json`` holds what each rank saw.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -304,6 +305,11 @@ def main(out: Path, methods: list[str]) -> None:
     }
     report["refusals"] = refusals()
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    # Sharded modules left in reference cycles must go while their process group lives, and no
+    # rank may tear its group down while a peer still finishes the last collective: otherwise
+    # gloo's worker threads can abort the process at exit.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -22,8 +22,16 @@ def launch(tmp_path: Path, processes: int, methods: list[str]) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", str(processes), str(WORKER), str(tmp_path), *methods]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(tmp_path, processes, done.stderr)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+def failure(tmp_path: Path, processes: int, stderr: str) -> str:
+    """Which ranks wrote their report, the workers' own error lines, then the launcher's tail."""
+    written = [r for r in range(processes) if (tmp_path / f"rank{r}.json").exists()]
+    marks = ("Traceback", "Error", "error:", "terminate", "what()", "Signal")
+    lines = [line for line in stderr.splitlines() if any(mark in line for mark in marks)]
+    return f"reports written by ranks {written}\n" + "\n".join(lines[:40]) + "\n" + stderr[-2000:]
 
 
 def check(ranks: list[dict], methods: list[str]) -> None:
@@ -127,7 +135,7 @@ def _cli(tmp_path: Path, processes: int, *args: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", str(processes), "-m", "sparsetrain", "train", *args]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(tmp_path, processes, done.stderr)
 
 
 CLI_RUN = [
