@@ -70,6 +70,25 @@ class Net(nn.Module):
         return self.blocks[-1](x)
 
 
+class NormNet(nn.Module):
+    """Net with a BatchNorm in each hidden block: AST's switchable BatchNorm under FSDP2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [
+                nn.Sequential(nn.Linear(12, 23), nn.BatchNorm1d(23), nn.ReLU()),
+                nn.Sequential(nn.Linear(23, 17), nn.BatchNorm1d(17), nn.ReLU()),
+                nn.Linear(17, 5),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 def shard(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -270,6 +289,53 @@ def resume(name: str, out: Path) -> dict:
     }
 
 
+def switchable_batchnorm() -> dict:
+    """AST on a model with BatchNorm: refused once the BatchNorm is sharded, and trained when its
+    copies are made before ``fully_shard`` (``AST.prepare_model``). Per-rank batch statistics make
+    the run differ from one process's, so what is checked is what must hold on its own: each step
+    changes only the trained sub-network's copy, the copies are sharded, ranks agree, and every
+    sub-network ends at its sparsity."""
+    from sparsetrain.methods.ast import AST
+    from sparsetrain.methods.ast.switchable_bn import SwitchableBatchNorm
+
+    sparsities = CASES["ast"]["sparsity"]
+    options = {"method": "ast", "sparsity": sparsities, "total_steps": STEPS, "update_every": 3}
+    out = {}
+    model = shard(NormNet().double())
+    try:
+        st.sparsify(model, torch.optim.AdamW(model.parameters(), lr=0.02), **options)
+        out["refused"] = None
+    except ConfigError as error:
+        out["refused"] = str(error)
+    torch.manual_seed(0)
+    model = NormNet().double()
+    AST.prepare_model(model, sparsity=sparsities)
+    shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    sp = st.sparsify(model, opt, **options)
+    (switch,) = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm)]
+
+    def copies() -> list[torch.Tensor]:
+        return [sharding.local(bn.weight.detach()).clone() for bn in switch.copies]
+
+    moved = []
+    for t, (x, y) in enumerate(batches(STEPS), 1):
+        before = copies()
+        step(model, opt, share(x), share(y))
+        after = copies()
+        changed = [i for i, a in enumerate(before) if not torch.equal(a, after[i])]
+        moved.append(changed == [sp.method.training_subnet(t)])
+    out["only_the_trained_copy_moves"] = all(moved)
+    out["copies_sharded"] = all(sharding.is_sharded(p) for p in switch.parameters())
+    out["optimizer_holds_each_copy_once"] = sorted(
+        id(p) for g in opt.param_groups for p in g["params"]
+    ) == sorted(id(p) for p in model.parameters())
+    out["digest"] = collectives.tensor_digest(whole_state(model, opt, sp))
+    out["subnet_sparsity"] = [sp.method.subnet_sparsity(i) for i in range(len(sparsities))]
+    out["overlap"] = sp.method.nesting_overlap()
+    return out
+
+
 def refusals() -> dict:
     out = {}
     for key, kwargs in (
@@ -304,6 +370,8 @@ def main(out: Path, methods: list[str]) -> None:
         for name in methods
     }
     report["refusals"] = refusals()
+    if "ast" in methods and collectives.world_size() == 2:
+        report["switchable_batchnorm"] = switchable_batchnorm()
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     # Sharded modules left in reference cycles must go while their process group lives, and no
     # rank may tear its group down while a peer still finishes the last collective: otherwise

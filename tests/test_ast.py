@@ -281,6 +281,35 @@ def test_new_batchnorm_parameters_join_the_group_of_the_originals():
     assert "bn2.copies.2.running_mean" in keys and "bn1.weight" in keys
 
 
+def test_switchable_batchnorm_made_before_the_optimizer_is_adopted_and_trains_the_same():
+    """``AST.prepare_model`` (what a sharded run does before ``fully_shard``) gives the run that
+    switching inside ``st.sparsify`` gives: same masks, weights and every BatchNorm copy."""
+    from sparsetrain.methods.ast import AST
+
+    model, opt, sp = _setup()
+    _train(model, opt, 12)
+    torch.manual_seed(0)
+    early = TinyCNN()
+    AST.prepare_model(early, sparsity=SPARSITIES)
+    assert isinstance(early.bn2, SwitchableBatchNorm) and isinstance(early.bn1, nn.BatchNorm2d)
+    early_model, early_opt, early_sp = _setup(model=early)
+    held = [id(p) for g in early_opt.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in early_model.parameters())  # each copy once
+    _train(early_model, early_opt, 12)
+    got, want = early_model.state_dict(), model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(early_sp.masks[n], m) for n, m in sp.masks.items())
+
+
+def test_switchable_batchnorm_with_another_number_of_copies_is_refused():
+    from sparsetrain.methods.ast import AST
+
+    model = TinyCNN()
+    AST.prepare_model(model, sparsity=[0.5, 0.9])
+    with pytest.raises(st.ConfigError, match="3 sub-networks.*another number of copies"):
+        _setup(model=model)
+
+
 def test_batchnorm1d_unshared_first_and_models_without_batchnorm():
     mlp = nn.Sequential(
         nn.Flatten(), nn.Linear(256, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)

@@ -22,16 +22,16 @@ def launch(tmp_path: Path, processes: int, methods: list[str]) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", str(processes), str(WORKER), str(tmp_path), *methods]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
-    assert done.returncode == 0, failure(tmp_path, processes, done.stderr)
+    written = [r for r in range(processes) if (tmp_path / f"rank{r}.json").exists()]
+    assert done.returncode == 0, failure(done.stderr, f"reports written by ranks {written}")
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
-def failure(tmp_path: Path, processes: int, stderr: str) -> str:
-    """Which ranks wrote their report, the workers' own error lines, then the launcher's tail."""
-    written = [r for r in range(processes) if (tmp_path / f"rank{r}.json").exists()]
+def failure(stderr: str, head: str = "") -> str:
+    """The workers' own error lines, then the launcher's tail (the processes' output mixed)."""
     marks = ("Traceback", "Error", "error:", "terminate", "what()", "Signal")
     lines = [line for line in stderr.splitlines() if any(mark in line for mark in marks)]
-    return f"reports written by ranks {written}\n" + "\n".join(lines[:40]) + "\n" + stderr[-2000:]
+    return "\n".join([head, *lines[:40], stderr[-2000:]])
 
 
 def check(ranks: list[dict], methods: list[str]) -> None:
@@ -81,6 +81,13 @@ def test_two_processes_decide_as_one_unsharded_process(tmp_path):
         assert "P-GaP" in refused["pgap"]
         assert "sp.full_state_dict()" in refused["export"]
         assert refused["full_state_dict_sparsity"] == 0.5
+        norms = report["switchable_batchnorm"]
+        assert "AST.prepare_model(model, sparsity=...)" in norms["refused"]
+        assert norms["only_the_trained_copy_moves"] and norms["copies_sharded"]
+        assert norms["optimizer_holds_each_copy_once"]
+        assert norms["digest"] == ranks[0]["switchable_batchnorm"]["digest"]
+        assert norms["overlap"] == [1.0, 1.0]  # each sub-network inside the denser one
+        assert norms["subnet_sparsity"] == pytest.approx([0.5, 0.75, 0.9], abs=0.01)
 
 
 @pytest.mark.parametrize("methods", [["rigl", "acdc", "dsr", "ast"]])
@@ -135,7 +142,7 @@ def _cli(tmp_path: Path, processes: int, *args: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", str(processes), "-m", "sparsetrain", "train", *args]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
-    assert done.returncode == 0, failure(tmp_path, processes, done.stderr)
+    assert done.returncode == 0, failure(done.stderr)
 
 
 CLI_RUN = [
@@ -154,8 +161,8 @@ CLI_RUN = [
 ]
 CLI_METHODS = {
     "rigl": ["sparsity.method=rigl", "sparsity.sparsity=0.8"],
-    # AST's switchable BatchNorm cannot deep-copy a sharded BatchNorm: a model without one
-    "ast": ["model.name=mlp", "sparsity.method=ast", "sparsity.sparsity=[0.5,0.8]"],
+    # switchable BatchNorm: the copies are made before sharding and sharded with their blocks
+    "ast": ["sparsity.method=ast", "sparsity.sparsity=[0.5,0.8]"],
 }
 
 
@@ -209,6 +216,8 @@ def test_cli_fsdp_run_resumes_exactly_and_on_another_world_size(tmp_path, method
             "subnet1_sparsity",
             "nesting_overlap",
         }
+        model_keys = load_checkpoint(straight / "final.pt")["model"]
+        assert any(".copies.1." in k for k in model_keys)  # the switchable BatchNorm trained
         one = subnet_checkpoint(load_checkpoint(straight / "final.pt"), 1)
         masks = one["sparsifier"]["masks"]
         assert masks and all(m.shape == one["model"][n].shape for n, m in masks.items())

@@ -113,6 +113,12 @@ class Method:
                 f"method {self.name!r} needs total_steps (its schedule spans training)"
             )
 
+    @classmethod
+    def prepare_model(cls, model: nn.Module, *, sparsity: float | list[float], **options) -> None:
+        """Change the model's structure as the method needs, before it is wrapped or sharded
+        (FSDP2 cannot copy or replace a sharded layer); ``sparsity`` and ``options`` are the
+        method's. Most methods need nothing."""
+
     # ------------------------------------------------------------------ hooks
     def init_masks(self, sp: Sparsifier) -> None:
         """Draw random masks at the per-layer targets of the distribution (static sparsity)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 import sparsetrain as st
 from sparsetrain.data import DatasetInfo, dataset_info, load_dataset
 from sparsetrain.errors import ConfigError
+from sparsetrain.methods import get_method
 from sparsetrain.models import build_model, model_task
 from sparsetrain.train import distributed
 from sparsetrain.train.config import Config, SparsityConfig
@@ -131,11 +133,13 @@ def layer_kwargs(s: SparsityConfig) -> dict[str, Any]:
 
 
 def build_state(config: Config, data: Data, device: torch.device) -> TrainState:
-    model = shard_model(build_model_for(config, data.info).to(device), config.train.strategy)
+    s = config.sparsity
+    prepare = partial(get_method(s.method).prepare_model, sparsity=s.sparsity, **s.options)
+    model = build_model_for(config, data.info).to(device)
+    model = shard_model(model, config.train.strategy, prepare)
     optimizer = build_optimizer(model.parameters(), config.optimizer)
     steps_per_epoch = len(data.train)
     total_steps = config.train.epochs * steps_per_epoch
-    s = config.sparsity
     sp = st.sparsify(
         model,
         optimizer,

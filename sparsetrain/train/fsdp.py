@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,18 @@ SHARDS_SUFFIX = ".shards"  # step-<step>.pt.shards/: the DCP directory of a rota
 _PARTS = ("model", "optimizer", "sparsifier")  # what the shards hold
 
 
-def shard_model(model: nn.Module, strategy: str) -> nn.Module:
+def shard_model(
+    model: nn.Module, strategy: str, prepare: Callable[[nn.Module], None] | None = None
+) -> nn.Module:
     """``model`` with ``fully_shard`` on each block and on itself (``strategy == "fsdp"`` under a
-    process group), else ``model`` unchanged."""
+    process group), else ``model`` unchanged. ``prepare`` changes the plain model first (the
+    method's own layers, which FSDP2 cannot add once the model is sharded)."""
     if strategy != "fsdp" or not distributed.is_distributed():
         return model
     from torch.distributed.fsdp import fully_shard
+
+    if prepare is not None:
+        prepare(model)
 
     blocks = []
     for child in model.children():

@@ -159,6 +159,12 @@ class AST(Method):
         self._bns: dict[str, SwitchableBatchNorm] = {}
         self._sp: Sparsifier | None = None
 
+    @classmethod
+    def prepare_model(cls, model: nn.Module, *, sparsity: float | list[float], **options) -> None:
+        """Switchable BatchNorm, built before sharding: ``init_masks`` adopts these layers."""
+        levels = sparsity if isinstance(sparsity, list | tuple) else [sparsity]
+        make_switchable(model, len(levels), share_first=bool(options.get("share_first_bn", True)))
+
     # ---------------------------------------------------------------- schedule
     def training_subnet(self, t: int) -> int:
         """The sub-network optimizer step ``t`` (1-based) trains."""

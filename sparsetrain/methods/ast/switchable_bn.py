@@ -5,6 +5,11 @@ running statistics and affine parameters (AST, Yang et al., NeurIPS 2022, after 
 of slimmable networks). :func:`make_switchable` swaps a model's BatchNorm layers for
 :class:`SwitchableBatchNorm` in place; :func:`restore_batchnorms` puts plain layers back, each one
 sub-network's copy, so an exported model loads into the unmodified model class.
+
+Under FSDP2 the copies must exist before ``fully_shard``, which shards them with their block and
+cannot copy a layer once sharded: call ``AST.prepare_model`` (or :func:`make_switchable`) on the
+plain model, shard it, then build the optimizer and ``st.sparsify(..., method="ast")``, which
+adopts the layers it finds.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from sparsetrain import sharding
+from sparsetrain.errors import ConfigError
 
 __all__ = [
     "BATCHNORMS",
@@ -68,10 +76,28 @@ def make_switchable(
     the same hyper-parameters and follows any lr scheduler built on those groups, even one made
     before this call (a separate ``add_param_group`` would be missed by such a scheduler).
 
-    Returns the new modules by fully-qualified name, in model order.
+    A model that already holds :class:`SwitchableBatchNorm` layers (made before sharding) is
+    adopted as it is: the layers must have ``num_subnets`` copies, and copies the optimizer does
+    not hold yet join it. A sharded BatchNorm that is not switchable yet is refused, since FSDP2
+    cannot copy it.
+
+    Returns the switchable modules by fully-qualified name, in model order.
     """
+    built = {n: m for n, m in model.named_modules() if isinstance(m, SwitchableBatchNorm)}
+    if built:
+        _check_adopted(built, num_subnets)
+        if optimizer is not None:
+            _join_optimizer(optimizer, built.values())
+        return built
     found = [m for m in model.modules() if isinstance(m, BATCHNORMS)]
     replaced = found[1:] if share_first else found
+    if sharding.any_sharded(p for bn in replaced for p in bn.parameters()):
+        raise ConfigError(
+            "ast: the model's BatchNorm layers are already sharded (fully_shard), and FSDP2 cannot "
+            "copy a sharded layer for AST's switchable BatchNorm; call "
+            "sparsetrain.methods.ast.AST.prepare_model(model, sparsity=...) on the plain model, "
+            "then fully_shard it and build the optimizer"
+        )
     switch = {id(bn): SwitchableBatchNorm(bn, num_subnets) for bn in replaced}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -82,6 +108,15 @@ def make_switchable(
     return {n: m for n, m in model.named_modules() if isinstance(m, SwitchableBatchNorm)}
 
 
+def _check_adopted(built: dict[str, SwitchableBatchNorm], num_subnets: int) -> None:
+    wrong = {n: len(m.copies) for n, m in built.items() if len(m.copies) != num_subnets}
+    if wrong:
+        raise ConfigError(
+            f"ast: {num_subnets} sub-networks, but the model's switchable BatchNorm layers hold "
+            f"another number of copies: {wrong}"
+        )
+
+
 def _join_optimizer(optimizer: torch.optim.Optimizer, modules: Iterable[SwitchableBatchNorm]):
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     for module in modules:
@@ -89,7 +124,7 @@ def _join_optimizer(optimizer: torch.optim.Optimizer, modules: Iterable[Switchab
         for bn in module.copies[1:]:
             for original, param in zip(originals, bn.parameters(), strict=True):
                 group = group_of.get(id(original))
-                if group is not None:
+                if group is not None and id(param) not in group_of:
                     group["params"].append(param)
 
 
