@@ -340,13 +340,12 @@ else:
 """
 
 
-def _fresh_process(tmp_path, **env):
+def _fresh_process(tmp_path, timeout=300, **env):
     full = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **env}
     full.pop(DISABLE_ENV, None)
     full["PYTHONPATH"] = os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", BUILD_CHECK], capture_output=True, text=True, env=full, timeout=300
-    )
+    command = [sys.executable, "-c", BUILD_CHECK]
+    done = subprocess.run(command, capture_output=True, text=True, env=full, timeout=timeout)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
@@ -358,6 +357,17 @@ def test_a_fresh_process_compiles_the_extension_from_the_shipped_source(tmp_path
         assert out[0] == "built" and out[1].startswith(str(tmp_path / "ext")), out
     else:
         assert out[:2] == ["fallback", "1"], out
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
+    """A killed build leaves torch's lock file behind, on which torch alone would wait forever."""
+    if not _compiler():
+        pytest.skip("no C++ compiler: nothing is built")
+    build = tmp_path / "ext" / "sparsetrain_conv"
+    build.mkdir(parents=True)
+    (build / "lock").touch()
+    out = _fresh_process(tmp_path, timeout=120)
+    assert out[0] == "built" and not (build / "lock").exists(), out
 
 
 def test_without_a_compiler_a_fresh_process_falls_back_with_one_warning(tmp_path):

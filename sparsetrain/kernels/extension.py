@@ -7,7 +7,8 @@ later processes until the source changes). It is a plain C library over raw poin
 through ctypes, so the build includes no torch headers. It is built with ``-O3 -march=native
 -fopenmp``, and without those flags if the compiler rejects them (a serial, portable build).
 When no build works (no compiler, no ninja) convolutions train on the masked dense kernels,
-after one warning. ``SPARSETRAIN_NO_EXTENSION=1`` forces that fallback without building.
+after one warning. ``SPARSETRAIN_NO_EXTENSION=1`` forces that fallback without building. A build
+killed midway (Ctrl-C, an out-of-time job) does not block the next one.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _build(name: str, flags: list[str]) -> str:
     """Compile (or reuse the cached build of) the source; the path of the shared library."""
     from torch.utils import cpp_extension
 
-    with _ninja_on_path():
+    with _ninja_on_path(), _build_lock(name):
         return cpp_extension.load(
             name,
             [str(SOURCE)],
@@ -110,6 +111,28 @@ def _build(name: str, flags: list[str]) -> str:
             is_python_module=False,
             verbose=False,
         )
+
+
+@contextlib.contextmanager
+def _build_lock(name: str) -> Iterator[None]:
+    """One build of ``name`` at a time across processes, on a lock the system drops when its
+    holder dies. torch's own lock is a file that a killed build leaves behind and that every later
+    build waits on forever; since each build here holds this lock, one found under it is stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    directory = Path(_get_build_directory(name, verbose=False))
+    with open(directory / "sparsetrain.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 @contextlib.contextmanager
